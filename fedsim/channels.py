@@ -1,0 +1,359 @@
+"""Channels and cell sharing: how fast each active flow moves, and fluid flows over time.
+
+A :class:`Channel` (registry ``CHANNELS``) turns the set of flows active in one cell and one
+direction into one rate per flow (bits/s), vectorized over the flows:
+
+- ``static``: the cell carrier has a fixed rate, split equally among its active flows.
+- ``pathloss``: path loss 128.1 + 37.6 log10(d_km) dB (3GPP TR 36.814 macro), log-normal
+  shadowing, Rayleigh block fading redrawn every coherence time, Shannon rate
+  B log2(1 + SNR) with thermal noise -174 dBm/Hz + the receiver's noise figure, and outage (rate
+  0) below an SNR threshold.
+- ``trace``: measured rate time series from a CSV (see :class:`TraceChannel`).
+
+Cell sharing: ``ofdma`` gives each of K active flows B/K Hz. On the uplink the device keeps its
+transmit power on the narrower band, so its SNR there is K times the full-band SNR; on the
+downlink the base station's power is spread over the whole carrier, so the SNR per Hz stays.
+``tdma`` gives each flow the whole carrier 1/K of the time. Wired clients bypass the cell.
+
+A :class:`SharedLink` holds the active flows of one cell and direction as numpy arrays: a flow
+joining or leaving, or the fading changing, advances every flow's remaining bits and recomputes
+the rates in one vectorized step, O(K) for K flows of that cell (never a Python loop over
+flows), then schedules one SimPy wake-up at the next completion or channel change.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import simpy
+
+from fedsim.devices import Fleet
+from fedsim.errors import FedsimError
+from fedsim.registry import Registry
+from fedsim.rng import hashed_exponential
+from fedsim.scenario import CellConfig, ChannelConfig
+
+THERMAL_NOISE_DBM_PER_HZ = -174.0  # kT at 290 K
+UPLINK, DOWNLINK = "uplink", "downlink"
+BS_NOISE_FIGURE_DB = 5.0  # 3GPP TR 36.814 Table A.2.1.1-2 (eNB noise figure 5 dB)
+BS_ANTENNA_GAIN_DBI = 15.0  # 3GPP TR 36.814 Table A.2.1.1-2 (macro sector antenna 14-15 dBi)
+
+CHANNELS: Registry[type[Channel]] = Registry("channel")
+
+
+def pathloss_db(distance_m: np.ndarray) -> np.ndarray:
+    """3GPP TR 36.814 macro path loss, 128.1 + 37.6 log10(d_km) dB."""
+    return 128.1 + 37.6 * np.log10(np.asarray(distance_m, dtype=float) / 1000.0)
+
+
+def noise_dbm(bandwidth_hz: float, noise_figure_db: float | np.ndarray) -> np.ndarray | float:
+    return THERMAL_NOISE_DBM_PER_HZ + 10.0 * math.log10(bandwidth_hz) + noise_figure_db
+
+
+def rayleigh_power_gain(key: int, clients: np.ndarray, block: int, stream: int) -> np.ndarray:
+    """|h|^2 ~ Exp(1) of each client in one coherence block, reproducible from (key, block).
+
+    Counter-based so that a block's draw never depends on which flows happened to be active
+    before: the same seed gives the same fading whatever the order of events.
+    """
+    return hashed_exponential(key, clients, block * 2 + stream)
+
+
+class Channel(ABC):
+    """Rates of the flows that share one cell in one direction."""
+
+    name: str
+
+    def __init__(self, cfg: ChannelConfig, cells: list[CellConfig], fleet: Fleet,
+                 rng: np.random.Generator) -> None:
+        self.cfg = cfg
+        self.cells = cells
+        self.fleet = fleet
+
+    @abstractmethod
+    def rates_bps(self, cell: int, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
+        """Rate (bits/s) of each of ``clients``, all active together in ``cell``."""
+
+    def next_change_s(self, t: float) -> float:
+        """Next time after ``t`` at which rates change by themselves (fading, trace step)."""
+        return math.inf
+
+    def estimate_rate_bps(self, client: int, direction: str, t: float, active: int) -> float:
+        """The rate ``client`` would get now if it joined ``active`` other flows in its cell."""
+        cell = int(self.fleet.cell[client])
+        others = np.full(active, client, dtype=np.int64)  # same channel, load of ``active``
+        return float(self.rates_bps(cell, direction, np.append(others, client), t)[-1])
+
+
+@CHANNELS.register("static")
+class StaticChannel(Channel):
+    """The cell carrier has a fixed rate (``cells[i].uplink_rate_bps``), shared equally."""
+
+    def rates_bps(self, cell: int, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
+        c = self.cells[cell]
+        total = c.uplink_rate_bps if direction == UPLINK else c.downlink_rate_bps
+        return np.full(len(clients), total / max(len(clients), 1))
+
+
+@CHANNELS.register("pathloss")
+class PathlossChannel(Channel):
+    """Path loss + shadowing + Rayleigh block fading, Shannon rate, outage below a threshold."""
+
+    def __init__(self, cfg: ChannelConfig, cells: list[CellConfig], fleet: Fleet,
+                 rng: np.random.Generator) -> None:
+        super().__init__(cfg, cells, fleet, rng)
+        n = fleet.size
+        shadow_db = cfg.shadowing_sigma_db * rng.standard_normal(n)  # location: UL = DL
+        self._fading_key = int(rng.integers(0, 2**63))
+        loss_db = pathloss_db(fleet.distance_m) + shadow_db
+        cell = np.clip(fleet.cell, 0, None)
+        ul_bw = np.array([c.uplink_bandwidth_hz for c in cells])[cell]
+        dl_bw = np.array([c.downlink_bandwidth_hz for c in cells])[cell]
+        bs_power = np.array([c.bs_tx_power_dbm for c in cells])[cell]
+        # Full-band SNR without fading, in dB, per client and direction.
+        ul_rx = fleet.tx_power_dbm + fleet.antenna_gain_dbi + BS_ANTENNA_GAIN_DBI - loss_db
+        dl_rx = bs_power + BS_ANTENNA_GAIN_DBI + fleet.antenna_gain_dbi - loss_db
+        ul_noise = THERMAL_NOISE_DBM_PER_HZ + 10 * np.log10(ul_bw) + BS_NOISE_FIGURE_DB
+        dl_noise = THERMAL_NOISE_DBM_PER_HZ + 10 * np.log10(dl_bw) + fleet.noise_figure_db
+        self.snr_db = {UPLINK: ul_rx - ul_noise, DOWNLINK: dl_rx - dl_noise}
+        self._snr_lin = {d: 10.0 ** (v / 10.0) for d, v in self.snr_db.items()}
+        self._outage_lin = 10.0 ** (cfg.outage_snr_db / 10.0)
+        # Fading of each client in the block it was last drawn for (drawn once per block).
+        self._gain = {d: np.ones(n) for d in (UPLINK, DOWNLINK)}
+        self._gain_block = {d: np.full(n, -1, dtype=np.int64) for d in (UPLINK, DOWNLINK)}
+
+    def _block(self, t: float) -> int:
+        return math.floor(t / self.cfg.coherence_time_s + 1e-9)
+
+    def next_change_s(self, t: float) -> float:
+        if not self.cfg.fading:
+            return math.inf
+        return (self._block(t) + 1) * self.cfg.coherence_time_s
+
+    def snr_linear(self, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
+        """Full-band SNR of each client now (fading included)."""
+        snr = self._snr_lin[direction][clients]
+        if not self.cfg.fading:
+            return snr
+        block, gain, drawn = self._block(t), self._gain[direction], self._gain_block[direction]
+        stale = clients[drawn[clients] != block]
+        if stale.size:
+            stream = 0 if direction == UPLINK else 1
+            gain[stale] = rayleigh_power_gain(self._fading_key, stale, block, stream)
+            drawn[stale] = block
+        return snr * gain[clients]
+
+    def rates_bps(self, cell: int, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
+        c = self.cells[cell]
+        k = max(len(clients), 1)
+        bw = c.uplink_bandwidth_hz if direction == UPLINK else c.downlink_bandwidth_hz
+        snr = self.snr_linear(direction, clients, t)
+        if c.sharing == "ofdma" and direction == UPLINK:
+            snr = snr * k  # same transmit power on 1/K of the band: K times the SNR per Hz
+        rate = (bw / k) * np.log2(1.0 + snr)  # ofdma: B/K Hz all the time; tdma: B, 1/K of it
+        return np.where(snr < self._outage_lin, 0.0, rate)
+
+
+@CHANNELS.register("trace")
+class TraceChannel(Channel):
+    """Rates replayed from a CSV with header ``time_s,uplink_bps,downlink_bps[,client]``.
+
+    Each row gives a link's rate from ``time_s`` until the next row's time (a step function,
+    the last value held). Without a ``client`` column one series serves every client; with one,
+    client ``i`` replays series ``i mod S`` of the S series in the file (so a few measured
+    traces can drive many clients). A client's trace rate is its rate alone in the cell; K
+    active flows each get 1/K of it.
+    """
+
+    def __init__(self, cfg: ChannelConfig, cells: list[CellConfig], fleet: Fleet,
+                 rng: np.random.Generator) -> None:
+        super().__init__(cfg, cells, fleet, rng)
+        series = read_trace(Path(cfg.trace_path or ""))
+        keys = sorted(series)
+        self._times = [series[k][0] for k in keys]
+        self._rates = {UPLINK: [series[k][1] for k in keys], DOWNLINK: [series[k][2] for k in keys]}
+        self._all_times = np.unique(np.concatenate(self._times))
+
+    def rates_bps(self, cell: int, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
+        s = len(self._times)
+        out = np.empty(len(clients))
+        for j in np.unique(clients % s):  # one lookup per distinct series, not per client
+            i = max(int(np.searchsorted(self._times[j], t, side="right")) - 1, 0)
+            out[clients % s == j] = self._rates[direction][j][i]
+        return out / max(len(clients), 1)
+
+    def next_change_s(self, t: float) -> float:
+        i = int(np.searchsorted(self._all_times, t + 1e-12, side="right"))
+        return float(self._all_times[i]) if i < len(self._all_times) else math.inf
+
+
+def read_trace(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Parse a trace CSV into {series key: (time_s, uplink_bps, downlink_bps)}, sorted by time."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise FedsimError(f"network.channel.trace_path: cannot read {path}: {e}") from None
+    need = {"time_s", "uplink_bps", "downlink_bps"}
+    if not rows or not need <= set(rows[0]):
+        raise FedsimError(f"network.channel.trace_path: {path} needs columns {sorted(need)}")
+    by_key: dict[str, list[tuple[float, float, float]]] = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            vals = (float(row["time_s"]), float(row["uplink_bps"]), float(row["downlink_bps"]))
+        except (TypeError, ValueError):
+            raise FedsimError(f"network.channel.trace_path: {path}:{line}: not a number") from None
+        if vals[0] < 0 or vals[1] < 0 or vals[2] < 0 or not all(map(math.isfinite, vals)):
+            raise FedsimError(f"network.channel.trace_path: {path}:{line}: values must be >= 0")
+        by_key.setdefault(row.get("client") or "", []).append(vals)
+    out = {}
+    for key, vals in by_key.items():
+        arr = np.array(sorted(vals))
+        out[key] = (arr[:, 0], arr[:, 1], arr[:, 2])
+    return out
+
+
+def make_channel(cfg: ChannelConfig, cells: list[CellConfig], fleet: Fleet,
+                 rng: np.random.Generator) -> Channel:
+    return CHANNELS.get(cfg.name)(cfg, cells, fleet, rng)
+
+
+# --- fluid flows ---------------------------------------------------------------------------
+
+_DONE_BITS = 1e-6  # a flow with fewer bits left than this has finished (float round-off)
+
+
+class SharedLink:
+    """The active flows of one cell in one direction, advanced as fluids.
+
+    ``transfer`` returns a SimPy event that succeeds with ``True`` when the bytes have crossed,
+    or ``False`` if the flow is in outage with no change of channel to come.
+    """
+
+    def __init__(self, env: simpy.Environment, channel: Channel, cell: int, direction: str):
+        self.env, self.channel, self.cell, self.direction = env, channel, cell, direction
+        self.clients = np.empty(0, dtype=np.int64)
+        self.remaining_bits = np.empty(0)
+        self.rates = np.empty(0)
+        self.events: dict[int, tuple[simpy.Event, float]] = {}  # client -> (done, bits)
+        self.busy_s = 0.0  # time with at least one active flow
+        self.bits_carried = 0.0
+        self._t = 0.0  # time the arrays were last advanced to
+        self._version = 0  # stale wake-ups carry an older version and are ignored
+        self._flush_pending = False
+
+    @property
+    def active(self) -> int:
+        return len(self.clients)
+
+    def transfer(self, client: int, nbytes: int) -> simpy.Event:
+        done = self.env.event()
+        if nbytes <= 0:
+            return done.succeed(True)
+        self._advance()
+        self.clients = np.append(self.clients, client)
+        self.remaining_bits = np.append(self.remaining_bits, 8.0 * nbytes)
+        self.rates = np.append(self.rates, 0.0)
+        self.events[client] = (done, 8.0 * nbytes)
+        self._changed()
+        return done
+
+    def cancel(self, client: int) -> None:
+        """Drop ``client``'s flow (dropout, deadline): the others speed up."""
+        if client not in self.events:
+            return
+        self._advance()
+        keep = self.clients != client
+        _, bits = self.events.pop(client)
+        self.bits_carried += bits - float(self.remaining_bits[~keep].sum())
+        self._compress(keep)
+        self._changed()
+
+    def estimate_rate_bps(self, client: int) -> float:
+        """The rate ``client`` would get if it started a flow now."""
+        return self.channel.estimate_rate_bps(client, self.direction, self.env.now, self.active)
+
+    # internals
+
+    def _advance(self) -> None:
+        dt = self.env.now - self._t
+        if dt > 0 and len(self.clients):
+            self.remaining_bits -= self.rates * dt
+            self.busy_s += dt
+        self._t = self.env.now
+
+    def _compress(self, keep: np.ndarray) -> None:
+        self.clients = self.clients[keep]
+        self.remaining_bits = self.remaining_bits[keep]
+        self.rates = self.rates[keep]
+
+    def _end(self, mask: np.ndarray, ok: bool) -> None:
+        """Remove the flows in ``mask`` and tell their clients (``ok``: all bits crossed)."""
+        ended = self.clients[mask]
+        self._compress(~mask)
+        for c in ended.tolist():
+            done, bits = self.events.pop(c)
+            if ok:
+                self.bits_carried += bits
+            done.succeed(ok)
+
+    def _changed(self) -> None:
+        """Recompute once at the end of this instant, however many flows joined or left in it."""
+        self._version += 1
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.env.timeout(0).callbacks.append(self._flush)
+
+    def _flush(self, _event: simpy.Event) -> None:
+        self._flush_pending = False
+        self._advance()
+        self._finish()
+
+    def _wake(self, version: int) -> None:
+        if version == self._version:
+            self._advance()
+            self._finish()
+
+    def _finish(self) -> None:
+        """Complete finished flows, recompute the rates, schedule the next wake-up."""
+        # Finished: less than a bit, or less than a nanosecond at its rate, left (round-off).
+        done = self.remaining_bits <= np.maximum(_DONE_BITS, self.rates * 1e-9)
+        if done.any():
+            self._end(done, ok=True)
+        if not len(self.clients):
+            return
+        now = self.env.now
+        self.rates = self.channel.rates_bps(self.cell, self.direction, self.clients, now)
+        change_at = self.channel.next_change_s(now)
+        with np.errstate(divide="ignore"):
+            finish_in = self.remaining_bits / self.rates  # inf for flows in outage
+        first = float(finish_in.min())
+        if math.isinf(first) and math.isinf(change_at):
+            self._end(np.isinf(finish_in), ok=False)  # outage that nothing will lift
+            return
+        self._version += 1
+        version = self._version
+        self.env.timeout(min(first, change_at - now)).callbacks.append(
+            lambda _e: self._wake(version))
+
+
+class WiredLink:
+    """A dedicated wired link (cloud clients): no sharing, a fixed rate."""
+
+    def __init__(self, env: simpy.Environment, rate_bps: np.ndarray) -> None:
+        self.env, self.rate_bps = env, rate_bps
+        self.bits_carried = 0.0
+
+    def transfer(self, client: int, nbytes: int) -> simpy.Event:
+        self.bits_carried += 8.0 * nbytes
+        return self.env.timeout(8.0 * nbytes / float(self.rate_bps[client]), value=True)
+
+    def cancel(self, client: int) -> None:
+        """Nothing is shared, so nothing to give back."""
+
+    def estimate_rate_bps(self, client: int) -> float:
+        return float(self.rate_bps[client])

@@ -1,0 +1,116 @@
+"""``fedsim run | validate``: the command line.
+
+Bad input of any kind exits 2 with one clear message and no traceback; a bug still shows its
+traceback (exit 1), because hiding it would hide the bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedsim.errors import FedsimError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedsim", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a scenario and write its run directory")
+    run.add_argument("scenario", help="scenario YAML file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a scenario key, e.g. --set clients.0.count=50 (repeatable)")
+    run.add_argument("--out", help="run directory (default: <output.dir>/<name>)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    val = sub.add_parser("validate", help="check a scenario; exit 0 if valid, 2 if not")
+    val.add_argument("scenario")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def format_summary(s: dict[str, Any], run_dir: Path) -> str:
+    """The one-screen summary printed at the end of a run."""
+    lat, ov, ut, comm = s["latency_s"], s["overload"], s["utilization"], s["comm"]
+    lines = [
+        f"run {s['scenario']} (seed {s['seed']}): {s['rounds_completed']} rounds, "
+        f"{s['sim_time_s']:.1f} s simulated in {s['wall_time_s']:.1f} s wall",
+        "latency (s)      p50        p95        max",
+    ]
+    for phase in ("download", "compute", "queue", "upload", "server", "round"):
+        v = lat[phase]
+        lines.append(f"  {phase:<10} {v['p50']:>10.3f} {v['p95']:>10.3f} {v['max']:>10.3f}")
+    comp = ", ".join(f"{k} {v:.1%}" for k, v in ut["compute"].items())
+    lines += [
+        f"utilization      uplink {ut['uplink']:.1%}, downlink {ut['downlink']:.1%}, "
+        f"server {ut['server']:.1%}; compute {comp}",
+        f"overload         queue max {ov['server_queue_max']}, dropped {ov['dropped_updates']}, "
+        f"deadline misses {ov['deadline_misses']}, oom {ov['oom_failures']}, "
+        f"dropouts {ov['dropouts']}, outages {ov['outages']}",
+        f"communication    up {_fmt_bytes(comm['bytes_up'])}, down {_fmt_bytes(comm['bytes_down'])}"
+        f", compression x{comm['compression_ratio']:.2f}",
+    ]
+    q = s["quality"]
+    if q["metric"] and q["server_by_round"]:
+        vals = " ".join("-" if v is None else f"{v:.3f}" for v in q["server_by_round"])
+        lines.append(f"server {q['metric']:<9} {vals}")
+    lines.append(f"results in       {run_dir}/ (summary.json, events.csv, rounds.csv, clients.csv)")
+    return "\n".join(lines)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from fedsim.scenario import load
+
+    sc = load(args.scenario, args.overrides)
+    print(f"{args.scenario}: valid ({sc.num_clients} clients, {sc.rounds} rounds)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fedsim.engine import run
+    from fedsim.metrics import write_run_dir
+    from fedsim.scenario import load
+
+    sc = load(args.scenario, args.overrides)
+    out = Path(args.out) if args.out else Path(sc.output.dir) / sc.name
+    bar = tqdm(total=sc.rounds, unit="round", desc=sc.name, disable=args.quiet or None,
+               file=sys.stderr)
+    try:
+        result = run(sc, progress=lambda done: bar.update(done - bar.n))
+    finally:
+        bar.close()
+    write_run_dir(result, out)
+    if not args.quiet:
+        print(format_summary(result.summary, out))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FedsimError as e:
+        print(f"fedsim: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("fedsim: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,537 @@
+"""The SimPy world: clients, cells and the server, and the round policies that drive them.
+
+SimPy is the only clock (DESIGN.md): compute time is FLOPs / device FLOP/s, transfer time is
+bytes over a rate that changes as flows come and go, server time is FLOPs / server FLOP/s. The
+workload (``fedsim.workload``) does the ML and returns data; this module turns it into time.
+
+``client_update`` is the life of one update: download, train, encode, upload, ingest. A round
+policy (registry ``ROUND_POLICIES``: ``sync``, ``deadline``, ``async``) selects clients, starts
+their updates and closes rounds by aggregating. ``run(scenario)`` returns a ``RunResult``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from fedsim.channels import DOWNLINK, UPLINK, SharedLink, WiredLink, make_channel
+from fedsim.devices import PROFILES, Fleet, build_fleet
+from fedsim.executors import Executor, Job, make_executor
+from fedsim.metrics import PHASES, Recorder, RunResult, percentiles
+from fedsim.registry import Registry
+from fedsim.rng import hashed_exponential, hashed_uniform, key, stream
+from fedsim.scenario import Scenario
+from fedsim.workload import Arrival, Upload, Workload, make_workload
+
+ROUND_POLICIES: Registry[type[RoundPolicy]] = Registry("round policy")
+GIB = 2**30
+
+
+class Availability:
+    """On/off Markov chain per client with exponential holding times (mean_on_s, mean_off_s).
+
+    Holding times are counter-based draws keyed by (client, interval index), so a client's
+    timeline is fixed by the seed whatever is asked of it and when.
+    """
+
+    def __init__(self, fleet: Fleet, key_: int) -> None:
+        n = fleet.size
+        self._key = key_
+        self._mean = {True: fleet.mean_on_s, False: fleet.mean_off_s}
+        self.always_on = fleet.mean_off_s <= 0
+        p_on = fleet.mean_on_s / (fleet.mean_on_s + fleet.mean_off_s)  # stationary law
+        ids = np.arange(n)
+        self.on = self.always_on | (hashed_uniform(key_, ids, -1) < p_on)
+        self.count = np.zeros(n, dtype=np.int64)  # intervals begun so far
+        # Memoryless: the residual of the interval in progress at t=0 has the same law.
+        self.next_switch = self._draw(ids)
+        self.next_switch[self.always_on] = math.inf
+
+    def _draw(self, idx: np.ndarray) -> np.ndarray:
+        mean = np.where(self.on[idx], self._mean[True][idx], self._mean[False][idx])
+        return mean * hashed_exponential(self._key, idx, self.count[idx])
+
+    def _advance(self, idx: np.ndarray, t: float) -> None:
+        while True:
+            due = idx[self.next_switch[idx] <= t]
+            if not due.size:
+                return
+            self.on[due] = ~self.on[due]
+            self.count[due] += 1
+            self.next_switch[due] += self._draw(due)
+
+    def available(self, t: float) -> np.ndarray:
+        """Ids of the clients on at time ``t`` (t never decreases between calls)."""
+        self._advance(np.arange(len(self.on)), t)
+        return np.flatnonzero(self.on)
+
+    def next_off_s(self, client: int, t: float) -> float:
+        """When ``client``, on at ``t``, next goes off (inf: never)."""
+        if self.next_switch[client] <= t:  # rare: most clients have not switched since
+            self._advance(np.array([client]), t)
+        return float(self.next_switch[client]) if self.on[client] else t
+
+    def next_on_s(self, t: float) -> float:
+        """The earliest time after ``t`` at which some off client comes on."""
+        self._advance(np.arange(len(self.on)), t)
+        off = ~self.on
+        return float(self.next_switch[off].min()) if off.any() else t
+
+
+class Server:
+    """Server ingress: ``workers`` parallel workers (a ``simpy.Resource``) and a bounded queue.
+
+    ``serve(work)`` waits for a worker, calls ``work()`` for the service time in seconds (the
+    real decode/projection happens at that moment) and holds the worker that long. A request
+    arriving when ``queue_capacity`` updates already wait is dropped (returns None).
+    """
+
+    def __init__(self, env: simpy.Environment, workers: int, queue_capacity: int) -> None:
+        self.env = env
+        self.workers = workers
+        self.queue_capacity = queue_capacity
+        self.resource = simpy.Resource(env, capacity=workers)
+        self.busy_s = 0.0  # worker-seconds of service
+        self.queue_max = 0
+        self.dropped = 0
+        self.waits_s: list[float] = []
+        self.queue_series: list[tuple[float, int]] = []
+
+    def _note_queue(self) -> None:
+        q = len(self.resource.queue)
+        self.queue_max = max(self.queue_max, q)
+        self.queue_series.append((self.env.now, q))
+
+    def serve(self, work: Callable[[], float]) -> Generator[simpy.Event, None, float | None]:
+        if len(self.resource.queue) >= self.queue_capacity and self.resource.count >= self.workers:
+            self.dropped += 1
+            return None
+        arrived = self.env.now
+        with self.resource.request() as req:
+            self._note_queue()
+            yield req
+            self._note_queue()
+            wait = self.env.now - arrived
+            self.waits_s.append(wait)
+            service_s = work()
+            self.busy_s += service_s
+            yield self.env.timeout(service_s)
+        return wait
+
+
+class Network:
+    """One shared uplink and downlink per cell, and dedicated wired links."""
+
+    def __init__(self, env: simpy.Environment, scenario: Scenario, fleet: Fleet) -> None:
+        cells = scenario.network.cells
+        channel = make_channel(scenario.network.channel, cells, fleet,
+                               stream(scenario.seed, "channel"))
+        self.channel = channel
+        self.cells = {d: [SharedLink(env, channel, i, d) for i in range(len(cells))]
+                      for d in (UPLINK, DOWNLINK)}
+        self.wired = WiredLink(env, fleet.wired_rate_bps)
+        self.fleet = fleet
+
+    def link(self, client: int, direction: str) -> SharedLink | WiredLink:
+        cell = int(self.fleet.cell[client])
+        return self.wired if cell < 0 else self.cells[direction][cell]
+
+    def utilization(self, direction: str, sim_time_s: float) -> float:
+        links = self.cells[direction]
+        return sum(lk.busy_s for lk in links) / (len(links) * sim_time_s) if sim_time_s else 0.0
+
+
+@dataclass
+class Ticket:
+    """A running update, as the round policy sees it."""
+
+    client: int
+    round: int
+    arrived: bool = False  # past the upload: a deadline no longer applies
+    transfer: SharedLink | WiredLink | None = None  # the flow in progress, to cancel
+    job: Job | None = None  # the training job in progress, to cancel
+
+
+class Simulation:
+    """The world of one scenario run; ``run()`` plays it to the end."""
+
+    def __init__(self, scenario: Scenario, workload: Workload | None = None,
+                 executor: Executor | None = None) -> None:
+        self.scenario = scenario
+        self.env = simpy.Environment()
+        self.fleet = build_fleet(scenario, stream(scenario.seed, "fleet"))
+        self.network = Network(self.env, scenario, self.fleet)
+        self.server = Server(self.env, scenario.server.workers, scenario.server.queue_capacity)
+        self.availability = Availability(self.fleet, key(scenario.seed, "availability"))
+        self.select_rng = stream(scenario.seed, "selection")
+        self.rec = Recorder(keep_events=scenario.output.events)
+        self.workload = workload or make_workload(scenario, self.fleet)
+        self.executor = executor or make_executor(scenario.executor)
+        self.policy = ROUND_POLICIES.get(scenario.round_policy.name)(self)
+        n = self.fleet.size
+        self.per_client = {k: np.zeros(n, dtype=np.int64) for k in
+                           ("updates_sent", "updates_accepted", "failures", "bytes_up",
+                            "bytes_down")}
+        self.compute_s = np.zeros(n)
+        self.server_aggregate_s = 0.0
+        self.quality_by_round: list[dict[str, float]] = []
+
+    # --- the life of one update -------------------------------------------------------------
+
+    def _offline_event(self, client: int) -> simpy.Event:
+        t_off = self.availability.next_off_s(client, self.env.now)
+        return self.env.event() if math.isinf(t_off) else self.env.timeout(t_off - self.env.now)
+
+    def _transfer(self, tk: Ticket, direction: str, nbytes: int,
+                  off: simpy.Event) -> Generator[simpy.Event, None, bool]:
+        c, env = tk.client, self.env
+        link = self.network.link(c, direction)
+        started = env.now
+        self.rec.emit(started, tk.round, c, f"{direction}_start", nbytes)
+        done = link.transfer(c, nbytes)
+        tk.transfer = link
+        yield done | off
+        tk.transfer = None
+        if not done.triggered:
+            link.cancel(c)
+            self.rec.emit(env.now, tk.round, c, "dropout", 0, direction)
+            return False
+        if done.value is False:
+            self.rec.emit(env.now, tk.round, c, "outage", 0, direction)
+            return False
+        phase = "upload" if direction == UPLINK else "download"
+        self.rec.latency(phase, env.now - started)
+        self.rec.emit(env.now, tk.round, c, f"{direction}_end", nbytes)
+        key_ = "bytes_up" if direction == UPLINK else "bytes_down"
+        self.per_client[key_][c] += nbytes
+        return True
+
+    def _train(self, tk: Ticket, off: simpy.Event) -> Generator[simpy.Event, None, object]:
+        """Step 3: plan the job, fail it if it does not fit, else wait FLOPs / FLOP/s."""
+        c, env, wl = tk.client, self.env, self.workload
+        plan = wl.plan(c, tk.round)
+        limit = self.fleet.memory_gib[c] * GIB
+        if plan.peak_memory_bytes > limit:
+            detail = f"needs {plan.peak_memory_bytes / GIB:.2f} GiB, has {limit / GIB:.2f} GiB"
+            self.rec.emit(env.now, tk.round, c, "oom", 0, detail)
+            return None
+        self.rec.emit(env.now, tk.round, c, "train_start", 0, f"flops={plan.flops:.4g}")
+        job = tk.job = self.executor.submit(wl.train, c, tk.round, plan)
+        compute_s = plan.flops / self.fleet.flops_per_s[c]
+        timer = env.timeout(compute_s)
+        yield timer | off
+        tk.job = None
+        if not timer.triggered:
+            job.cancel()
+            self.rec.emit(env.now, tk.round, c, "dropout", 0, "train")
+            return None
+        self.compute_s[c] += compute_s
+        self.rec.latency("compute", compute_s)
+        update = job.result()
+        self.rec.emit(env.now, tk.round, c, "train_end", 0, f"samples={plan.num_samples}")
+        return (plan, update)
+
+    def client_update(self, tk: Ticket, deadline_at: float | None = None
+                      ) -> Generator[simpy.Event, None, Arrival | None]:
+        """Download -> train -> encode -> upload -> ingest. Returns the accepted Arrival."""
+        c, env, wl = tk.client, self.env, self.workload
+        off = self._offline_event(c)
+        self.per_client["updates_sent"][c] += 1
+        try:
+            if not (yield from self._transfer(tk, DOWNLINK, wl.download_bytes(c), off)):
+                return self._failed(c)
+            trained = yield from self._train(tk, off)
+            if trained is None:
+                return self._failed(c)
+            plan, update = trained
+            link = self.network.link(c, UPLINK)
+            time_left = None if deadline_at is None else deadline_at - env.now
+            upload = wl.encode(c, update, link.estimate_rate_bps(c), time_left)
+            self.rec.bytes_up_raw += upload.raw_bytes
+            self.rec.emit(env.now, tk.round, c, "encode", upload.nbytes,
+                          f"{upload.codec} raw={upload.raw_bytes} err={upload.rel_error:.4g}")
+            if not (yield from self._transfer(tk, UPLINK, upload.nbytes, off)):
+                return self._failed(c)
+        except simpy.Interrupt as stop:
+            if tk.transfer is not None:
+                tk.transfer.cancel(c)
+            if tk.job is not None:
+                tk.job.cancel()
+            self.rec.emit(env.now, tk.round, c, str(stop.cause), 0, "")
+            return self._failed(c)
+        tk.arrived = True
+        return (yield from self._ingest(tk, plan.num_samples, upload))
+
+    def _ingest(self, tk: Ticket, num_samples: int, upload: Upload
+                ) -> Generator[simpy.Event, None, Arrival | None]:
+        """Step 6-7: wait for a server worker, decode and project; or be dropped."""
+        c, env = tk.client, self.env
+        result = {}
+
+        def work() -> float:
+            result["ing"] = ing = self.workload.ingest(c, upload)
+            self.rec.emit(env.now, tk.round, c, "ingest_start", upload.nbytes, ing.detail)
+            return ing.flops / self.scenario.server.flops_per_s
+
+        wait = yield from self.server.serve(work)
+        if wait is None:
+            self.rec.emit(env.now, tk.round, c, "queue_drop", upload.nbytes)
+            return self._failed(c)
+        self.rec.latency("queue", wait)
+        ing = result["ing"]
+        self.rec.latency("server", ing.flops / self.scenario.server.flops_per_s)
+        if not ing.accepted:
+            self.rec.emit(env.now, tk.round, c, "rejected", upload.nbytes, ing.detail)
+            return self._failed(c)
+        self.rec.emit(env.now, tk.round, c, "ingest_end", upload.nbytes)
+        self.rec.bytes_up += upload.nbytes
+        self.per_client["updates_accepted"][c] += 1
+        return Arrival(client=c, round=tk.round, num_samples=num_samples, update=ing.update)
+
+    def _failed(self, client: int) -> None:
+        self.per_client["failures"][client] += 1
+        return None
+
+    # --- rounds -----------------------------------------------------------------------------
+
+    def available(self) -> np.ndarray:
+        return self.availability.available(self.env.now)
+
+    def wait_for_clients(self) -> Generator[simpy.Event, None, np.ndarray]:
+        """Until some client is available (all may be off at once)."""
+        avail = self.available()
+        while not avail.size:
+            yield self.env.timeout(max(self.availability.next_on_s(self.env.now) - self.env.now,
+                                       1e-9))
+            avail = self.available()
+        return avail
+
+    def select(self, candidates: np.ndarray, k: int | None) -> list[int]:
+        """``k`` distinct clients drawn uniformly among ``candidates`` (all when k is None)."""
+        if k is None or len(candidates) <= k:
+            return [int(c) for c in candidates]
+        return sorted(int(c) for c in self.select_rng.choice(candidates, size=k, replace=False))
+
+    def close_round(self, round_: int, started_s: float, arrivals: list[Arrival],
+                    stats: dict[str, int]) -> Generator[simpy.Event, None, None]:
+        """Step 8-9: aggregate (server time = FLOPs / server FLOP/s), evaluate, record."""
+        env = self.env
+        flops = self.workload.aggregate(round_, arrivals)
+        agg_s = flops / self.scenario.server.flops_per_s
+        yield env.timeout(agg_s)
+        self.server_aggregate_s += agg_s
+        self.rec.emit(env.now, round_, -1, "aggregate", 0, f"updates={len(arrivals)}")
+        quality = self.workload.evaluate(round_)
+        self.quality_by_round.append(quality)
+        self.rec.latency("round", env.now - started_s)
+        row = {"round": round_, "start_s": started_s, "end_s": env.now,
+               "duration_s": env.now - started_s, **stats, "aggregated": len(arrivals),
+               **{f"server_{k}": v for k, v in quality.items()}}
+        self.rec.rounds.append(row)
+        self.rec.emit(env.now, round_, -1, "round_end", 0, f"aggregated={len(arrivals)}")
+        self.on_round(len(self.rec.rounds))
+
+    def on_round(self, done: int) -> None:
+        """Progress hook (the CLI sets a progress bar here)."""
+
+    # --- the run ----------------------------------------------------------------------------
+
+    def run(self, progress: Callable[[int], None] | None = None) -> RunResult:
+        if progress:
+            self.on_round = progress  # type: ignore[method-assign]
+        wall0 = time.perf_counter()
+        try:
+            main = self.env.process(self.policy.run())
+            self.env.run(until=main)
+        finally:
+            self.executor.close()
+        summary = self.summarize(time.perf_counter() - wall0)
+        return RunResult(scenario_yaml=self.scenario.to_yaml(), summary=summary,
+                         recorder=self.rec, clients=self.client_rows(),
+                         timeseries=[(t, "server_queue", q) for t, q in self.server.queue_series])
+
+    def client_rows(self) -> list[dict[str, object]]:
+        f = self.fleet
+        return [{"client": i, "group": int(f.group[i]), "profile": f.profile[i],
+                 "model": f.model[i], "cell": int(f.cell[i]),
+                 "distance_m": round(float(f.distance_m[i]), 3),
+                 "flops_per_s": float(f.flops_per_s[i]),
+                 **{k: int(v[i]) for k, v in self.per_client.items()},
+                 "compute_s": float(self.compute_s[i])} for i in range(f.size)]
+
+    def summarize(self, wall_time_s: float) -> dict[str, object]:
+        rec, T = self.rec, self.env.now
+        by_profile = self.fleet.profile_index()
+        compute = {p: (float(self.compute_s[by_profile[p]].sum()) / (len(by_profile[p]) * T)
+                       if p in by_profile and T > 0 else 0.0) for p in PROFILES}
+        server_busy = self.server.busy_s + self.server_aggregate_s
+        metric = self.workload.primary_metric()
+        raw, up = rec.bytes_up_raw, rec.bytes_up
+        return {
+            "scenario": self.scenario.name,
+            "seed": self.scenario.seed,
+            "sim_time_s": T,
+            "rounds_completed": len(rec.rounds),
+            "latency_s": {p: percentiles(rec.latency_s[p]) for p in PHASES},
+            "overload": {
+                "server_queue_max": self.server.queue_max,
+                "server_wait_p95_s": percentiles(self.server.waits_s)["p95"],
+                "dropped_updates": self.server.dropped,
+                "deadline_misses": rec.counts["deadline_miss"],
+                "oom_failures": rec.counts["oom"],
+                "dropouts": rec.counts["dropout"],
+                "outages": rec.counts["outage"],
+                "rejected_updates": rec.counts["rejected"],
+            },
+            "utilization": {
+                "uplink": self.network.utilization(UPLINK, T),
+                "downlink": self.network.utilization(DOWNLINK, T),
+                "server": server_busy / (self.server.workers * T) if T > 0 else 0.0,
+                "compute": compute,
+            },
+            "comm": {
+                "bytes_up": up,
+                "bytes_down": int(self.per_client["bytes_down"].sum()),
+                "bytes_up_raw": raw,
+                "compression_ratio": raw / up if up else 1.0,
+            },
+            "quality": {
+                "metric": metric,
+                "server_by_round": [q.get(metric) for q in self.quality_by_round]
+                if metric else [],
+                "clients_final": self.workload.client_metrics(),
+            },
+            "counts": {
+                "updates_started": int(self.per_client["updates_sent"].sum()),
+                "updates_accepted": int(self.per_client["updates_accepted"].sum()),
+                "events": rec.num_events,
+            },
+            "wall_time_s": wall_time_s,
+        }
+
+
+# --- round policies -----------------------------------------------------------------------
+
+
+class RoundPolicy(ABC):
+    """Selects clients, starts their updates and closes rounds (a SimPy process)."""
+
+    name: str
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.cfg = sim.scenario.round_policy
+
+    @abstractmethod
+    def run(self) -> Generator[simpy.Event, None, None]: ...
+
+    def start(self, client: int, round_: int, deadline_at: float | None = None
+              ) -> tuple[Ticket, simpy.Process]:
+        tk = Ticket(client, round_)
+        self.sim.rec.emit(self.sim.env.now, round_, client, "select")
+        return tk, self.sim.env.process(self.sim.client_update(tk, deadline_at))
+
+
+@ROUND_POLICIES.register("sync")
+class SyncRounds(RoundPolicy):
+    """Each round waits for every selected client to arrive, drop out or fail (FedAvg)."""
+
+    deadline_s: float | None = None
+
+    def run(self) -> Generator[simpy.Event, None, None]:
+        sim, env = self.sim, self.sim.env
+        for r in range(sim.scenario.rounds):
+            candidates = yield from sim.wait_for_clients()
+            started = env.now
+            deadline_at = None if self.deadline_s is None else started + self.deadline_s
+            running = [self.start(c, r, deadline_at)
+                       for c in sim.select(candidates, self.cfg.clients_per_round)]
+            procs = [p for _, p in running]
+            yield from self.wait(running, deadline_at)
+            arrivals = [p.value for p in procs if p.value is not None]
+            stats = {"selected": len(procs), "arrived": len(arrivals)}
+            yield from sim.close_round(r, started, arrivals, stats)
+
+    def wait(self, running: list[tuple[Ticket, simpy.Process]], deadline_at: float | None
+             ) -> Generator[simpy.Event, None, None]:
+        yield self.sim.env.all_of([p for _, p in running])
+
+
+@ROUND_POLICIES.register("deadline")
+class DeadlineRounds(SyncRounds):
+    """Like ``sync``, but updates not uploaded by the deadline are dropped (deadline misses).
+
+    An update that finished its upload before the deadline is still ingested and aggregated.
+    """
+
+    def __init__(self, sim: Simulation) -> None:
+        super().__init__(sim)
+        self.deadline_s = self.cfg.deadline_s
+
+    def wait(self, running: list[tuple[Ticket, simpy.Process]], deadline_at: float | None
+             ) -> Generator[simpy.Event, None, None]:
+        env = self.sim.env
+        procs = [p for _, p in running]
+        left_s = max((deadline_at if deadline_at is not None else env.now) - env.now, 0.0)
+        yield env.all_of(procs) | env.timeout(left_s)
+        for tk, p in running:
+            if p.is_alive and not tk.arrived:
+                p.interrupt("deadline_miss")
+        yield env.all_of(procs)
+
+
+@ROUND_POLICIES.register("async")
+class AsyncBuffered(RoundPolicy):
+    """FedBuff (Nguyen et al. 2022): ``concurrency`` clients train at once; the server
+    aggregates every ``buffer_size`` arrivals, each weighted (1 + staleness)^-a."""
+
+    def run(self) -> Generator[simpy.Event, None, None]:
+        sim, env, cfg = self.sim, self.sim.env, self.cfg
+        version, buffer = 0, []
+        in_flight: dict[simpy.Process, Ticket] = {}
+        started = env.now
+        stats = {"selected": 0, "arrived": 0}
+        while version < sim.scenario.rounds:
+            busy = {tk.client for tk in in_flight.values()}
+            free = [c for c in sim.available() if int(c) not in busy]
+            need = cfg.concurrency - len(in_flight)
+            for c in sim.select(np.array(free, dtype=np.int64), need) if need > 0 else []:
+                tk, p = self.start(c, version)
+                in_flight[p] = tk
+                stats["selected"] += 1
+            if not in_flight:
+                yield from sim.wait_for_clients()
+                continue
+            yield env.any_of(list(in_flight))
+            for p in [p for p in in_flight if not p.is_alive]:
+                tk = in_flight.pop(p)
+                if p.value is not None:
+                    arrival = p.value
+                    arrival.staleness = version - tk.round
+                    arrival.weight = (1.0 + arrival.staleness) ** -cfg.staleness_exponent
+                    buffer.append(arrival)
+                    stats["arrived"] += 1
+            while len(buffer) >= cfg.buffer_size and version < sim.scenario.rounds:
+                batch, buffer = buffer[: cfg.buffer_size], buffer[cfg.buffer_size:]
+                yield from sim.close_round(version, started, batch, stats)
+                version, started = version + 1, env.now
+                stats = {"selected": 0, "arrived": 0}
+        for p, tk in in_flight.items():
+            if p.is_alive and not tk.arrived:
+                p.interrupt("cancelled")
+
+
+def run(scenario: Scenario, workload: Workload | None = None,
+        progress: Callable[[int], None] | None = None) -> RunResult:
+    """Play ``scenario`` to the end and return what it produced."""
+    sim = Simulation(scenario, workload)
+    try:
+        return sim.run(progress)
+    finally:
+        sim.workload.close()

@@ -1,0 +1,167 @@
+"""The event recorder, run summaries, and the run directory.
+
+Every step of an update emits one event (``time_s, round, client, kind, bytes, detail``). Phase
+latencies, per-round and per-client rows are kept beside the events; ``summarize`` turns them
+into the ``summary.json`` of DESIGN.md "Contracts", and ``write_run_dir`` writes the run
+directory atomically: everything goes to a temporary sibling directory that is renamed into
+place only once complete, so a run directory that exists is a finished one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedsim.errors import FedsimError
+
+PHASES = ("download", "compute", "queue", "upload", "server", "round")
+EVENT_COLUMNS = ("time_s", "round", "client", "kind", "bytes", "detail")
+CLIENT_COLUMNS = ("client", "group", "profile", "model", "cell", "distance_m", "flops_per_s",
+                  "updates_sent", "updates_accepted", "failures", "bytes_up", "bytes_down",
+                  "compute_s")
+
+
+class Recorder:
+    """Columnar store of events plus the phase latencies and per-round rows."""
+
+    def __init__(self, keep_events: bool = True) -> None:
+        self.keep_events = keep_events
+        self._cols: tuple[list[Any], ...] = tuple([] for _ in EVENT_COLUMNS)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.latency_s: dict[str, list[float]] = {p: [] for p in PHASES}
+        self.rounds: list[dict[str, Any]] = []
+        self.bytes_up = 0
+        self.bytes_up_raw = 0
+        self.bytes_down = 0
+
+    def emit(self, time_s: float, round_: int, client: int, kind: str, nbytes: int = 0,
+             detail: str = "") -> None:
+        self.counts[kind] += 1
+        if self.keep_events:
+            t, r, c, k, b, d = self._cols
+            t.append(time_s)
+            r.append(round_)
+            c.append(client)
+            k.append(kind)
+            b.append(nbytes)
+            d.append(detail)
+
+    def latency(self, phase: str, seconds: float) -> None:
+        self.latency_s[phase].append(seconds)
+
+    @property
+    def num_events(self) -> int:
+        return sum(self.counts.values())
+
+    def events_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(EVENT_COLUMNS)
+        t, r, c, k, b, d = self._cols
+        w.writerows(zip((f"{x:.9f}" for x in t), r, c, k, b, d, strict=True))
+        return buf.getvalue()
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50, p95 and max of a phase's latencies (0 when the phase never happened)."""
+    if not values:
+        return {"p50": 0.0, "p95": 0.0, "max": 0.0, "count": 0}
+    a = np.asarray(values, dtype=float)
+    p50, p95 = np.percentile(a, [50, 95])
+    return {"p50": float(p50), "p95": float(p95), "max": float(a.max()), "count": len(a)}
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced, in memory; ``write_run_dir`` puts it on disk."""
+
+    scenario_yaml: str
+    summary: dict[str, Any]
+    recorder: Recorder
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    timeseries: list[tuple[float, str, float]] = field(default_factory=list)
+
+
+def _csv(rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def round_columns(rows: list[dict[str, Any]]) -> list[str]:
+    cols: dict[str, None] = {}
+    for r in rows:
+        cols.update(dict.fromkeys(r))
+    return list(cols)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    return json.dumps(_jsonable(summary), indent=2, sort_keys=False) + "\n"
+
+
+def write_run_dir(result: RunResult, out_dir: str | Path) -> Path:
+    """Write the run directory atomically; an existing one is replaced only once complete."""
+    out = Path(out_dir)
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise FedsimError(f"--out: cannot create {out}: {e}") from None
+    try:
+        (tmp / "plots").mkdir()
+        files = {
+            "scenario.yaml": result.scenario_yaml,
+            "events.csv": result.recorder.events_csv(),
+            "rounds.csv": _csv(result.recorder.rounds, round_columns(result.recorder.rounds)),
+            "clients.csv": _csv(result.clients, CLIENT_COLUMNS),
+            "timeseries.csv": "time_s,series,value\n"
+            + "".join(f"{t:.9f},{s},{v:.9g}\n" for t, s, v in result.timeseries),
+            "summary.json": summary_json(result.summary),  # last: its presence marks completion
+        }
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an old ``out`` is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))

@@ -1,0 +1,150 @@
+"""The workload interface: the ML work of one update, as data the engine turns into time.
+
+The engine never trains or encodes by itself; at each step of the life of an update it asks
+the workload (registry ``WORKLOADS``):
+
+- ``download_bytes(client)``: the family adapter a client receives;
+- ``plan(client, round)``: FLOPs and peak memory of the local job, known before it runs
+  (the engine waits FLOPs / device FLOP/s and fails a job the device cannot hold);
+- ``train(client, round, plan)``: the job itself, returning an opaque ``Update``;
+- ``encode(client, update, rate_bps, time_left_s)``: the upload, whose ``nbytes`` is what the
+  channel carries;
+- ``ingest(client, upload)``: server-side decode + projection, FLOPs of that work, and whether
+  the update is accepted (a corrupt or poisoned one is not);
+- ``aggregate(round, arrivals)``: apply accepted updates to the server model, FLOPs;
+- ``evaluate(round)``: quality metrics of the server model (an observation: no simulated time).
+
+``synthetic`` is the network-study mode: fixed sizes and FLOPs, no ML at all. It exists to sweep
+thousands of clients over network conditions; its bytes are a parameter, not an encoding.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedsim.devices import Fleet
+from fedsim.registry import Registry
+from fedsim.scenario import Scenario
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    flops: float  # FLOPs of the local training steps
+    peak_memory_bytes: int  # weights + grads + optimizer state + activations
+    num_samples: int  # examples the job trains on
+    tokens: int = 0
+    context: Any = None  # what the workload needs to run it (batches of indices, seeds)
+
+
+@dataclass(frozen=True)
+class Upload:
+    nbytes: int  # bytes on the wire (the encoded payload's length)
+    raw_bytes: int  # the update before compression (fp32)
+    codec: str  # the codec setting used
+    rel_error: float = 0.0  # relative L2 reconstruction error of the encoding
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class Ingested:
+    flops: float  # server work: decode + projection
+    accepted: bool
+    detail: str = ""
+    update: Any = None
+
+
+@dataclass
+class Arrival:
+    """An update that reached the server and was accepted, waiting for aggregation."""
+
+    client: int
+    round: int
+    num_samples: int
+    staleness: int = 0
+    weight: float = 1.0  # round-policy weight (async staleness discount)
+    update: Any = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Workload(ABC):
+    """What the engine asks of the ML side; see the module docstring."""
+
+    name: str
+
+    def __init__(self, scenario: Scenario, fleet: Fleet) -> None:
+        self.scenario, self.fleet = scenario, fleet
+
+    def primary_metric(self) -> str | None:
+        return None
+
+    @abstractmethod
+    def download_bytes(self, client: int) -> int: ...
+
+    @abstractmethod
+    def plan(self, client: int, round_: int) -> JobPlan: ...
+
+    @abstractmethod
+    def train(self, client: int, round_: int, plan: JobPlan) -> Any: ...
+
+    @abstractmethod
+    def encode(self, client: int, update: Any, rate_bps: float,
+               time_left_s: float | None) -> Upload: ...
+
+    @abstractmethod
+    def ingest(self, client: int, upload: Upload) -> Ingested: ...
+
+    @abstractmethod
+    def aggregate(self, round_: int, arrivals: list[Arrival]) -> float: ...
+
+    def evaluate(self, round_: int) -> dict[str, float]:
+        return {}
+
+    def client_metrics(self) -> dict[int, dict[str, float]]:
+        """Final per-client quality, if the workload measures it."""
+        return {}
+
+    def close(self) -> None:
+        """Release executors and models."""
+
+
+WORKLOADS: Registry[type[Workload]] = Registry("workload")
+
+
+@WORKLOADS.register("synthetic")
+class SyntheticWorkload(Workload):
+    """Network-study mode: every update is ``update_bytes`` and costs ``flops_per_step`` each of
+    ``training.local_steps`` steps; no model, no data, no encoding."""
+
+    def __init__(self, scenario: Scenario, fleet: Fleet) -> None:
+        super().__init__(scenario, fleet)
+        self.cfg = scenario.workload
+        self.steps = scenario.training.local_steps
+        self.batch = scenario.training.batch_size
+
+    def download_bytes(self, client: int) -> int:
+        return self.cfg.download_bytes
+
+    def plan(self, client: int, round_: int) -> JobPlan:
+        return JobPlan(flops=self.cfg.flops_per_step * self.steps, peak_memory_bytes=0,
+                       num_samples=self.steps * self.batch)
+
+    def train(self, client: int, round_: int, plan: JobPlan) -> None:
+        return None
+
+    def encode(self, client: int, update: Any, rate_bps: float,
+               time_left_s: float | None) -> Upload:
+        n = self.cfg.update_bytes
+        return Upload(nbytes=n, raw_bytes=n, codec="synthetic")
+
+    def ingest(self, client: int, upload: Upload) -> Ingested:
+        return Ingested(flops=self.cfg.server_flops_per_update, accepted=True)
+
+    def aggregate(self, round_: int, arrivals: list[Arrival]) -> float:
+        return self.cfg.server_flops_per_update * 0.01 * len(arrivals)  # a weighted sum
+
+
+def make_workload(scenario: Scenario, fleet: Fleet) -> Workload:
+    return WORKLOADS.get(scenario.workload.name)(scenario, fleet)
+
