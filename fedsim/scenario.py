@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from fedsim.errors import FedsimError
 
@@ -337,8 +338,32 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _default(model: Any, part: str) -> Any:
+    """The schema default of field ``part`` of ``model`` as plain data ({} when none)."""
+    if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+        value = model.model_fields[part].get_default(call_default_factory=True)
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json")
+        if isinstance(value, list):
+            return [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
+        if value is not None and value is not PydanticUndefined:
+            return value
+    return {}
+
+
+def _child_model(model: Any, part: str) -> Any:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return _unwrap_optional(model.model_fields[part].annotation)
+    args = getattr(model, "__args__", ())
+    return _unwrap_optional(args[-1]) if args else None
+
+
 def apply_override(doc: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.0.c=value`` to the raw document, creating mappings on the way."""
+    """Apply one ``a.b.0.c=value`` to the raw document.
+
+    Sections the document leaves out are filled in from the schema defaults first, so
+    ``network.cells.0.sharing=tdma`` edits the default cell.
+    """
     if "=" not in assignment:
         raise ScenarioError([f"{assignment}: override must be key=value"], "--set")
     key, _, text = assignment.partition("=")
@@ -349,27 +374,31 @@ def apply_override(doc: dict[str, Any], assignment: str) -> None:
     if problem:
         raise ScenarioError([problem], "--set")
     node: Any = doc
-    for depth, part in enumerate(parts[:-1]):
+    model: Any = Scenario
+    for depth, part in enumerate(parts):
         where = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
         if isinstance(node, list):
             idx = int(part)
             if idx >= len(node):
-                raise ScenarioError([f"{where}: index {idx} out of range ({len(node)} items)"])
-            node = node[idx]
-        else:
+                raise ScenarioError([f"{where}: index {idx} out of range ({len(node)} items)"],
+                                    "--set")
+            if last:
+                node[idx] = _parse_value(text)
+                return
+            child = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = _parse_value(text)
+                return
             if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict | list):
-                raise ScenarioError([f"{where}: not a mapping"], "--set")
-    last = parts[-1]
-    if isinstance(node, list):
-        idx = int(last)
-        if idx >= len(node):
-            raise ScenarioError([f"{key}: index {idx} out of range ({len(node)} items)"], "--set")
-        node[idx] = _parse_value(text)
-    else:
-        node[last] = _parse_value(text)
+                node[part] = _default(model, part)
+            child = node[part]
+        else:
+            raise ScenarioError([f"{where}: {'.'.join(parts[:depth])} is not a mapping"],
+                                "--set")
+        model = _child_model(model, part)
+        node = child
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -1,0 +1,52 @@
+"""Test doubles for the engine: a workload with fixed, known sizes and FLOPs (tests only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedsim.workload import Arrival, Ingested, JobPlan, Upload, Workload
+
+
+class FixedWorkload(Workload):
+    """Every job: ``download_bytes`` down, ``flops`` of training, ``upload_bytes`` up."""
+
+    name = "fixed"
+
+    def __init__(self, scenario, fleet, *, download_bytes: int = 1000, upload_bytes: int = 1000,
+                 flops: float = 1e9, memory_bytes: int = 0, server_flops: float = 0.0,
+                 aggregate_flops: float = 0.0, per_client_flops: dict[int, float] | None = None):
+        super().__init__(scenario, fleet)
+        self.down, self.up, self.flops, self.mem = download_bytes, upload_bytes, flops, memory_bytes
+        self.server_flops, self.aggregate_flops = server_flops, aggregate_flops
+        self.per_client_flops = per_client_flops or {}
+        self.trained: list[tuple[int, int]] = []
+        self.encoded: list[tuple[int, float, float | None]] = []
+        self.aggregated: list[tuple[int, list[Arrival]]] = []
+
+    def primary_metric(self) -> str:
+        return "accuracy"
+
+    def download_bytes(self, client: int) -> int:
+        return self.down
+
+    def plan(self, client: int, round_: int) -> JobPlan:
+        return JobPlan(flops=self.per_client_flops.get(client, self.flops),
+                       peak_memory_bytes=self.mem, num_samples=10)
+
+    def train(self, client: int, round_: int, plan: JobPlan) -> Any:
+        self.trained.append((client, round_))
+        return {"client": client}
+
+    def encode(self, client, update, rate_bps, time_left_s) -> Upload:
+        self.encoded.append((client, rate_bps, time_left_s))
+        return Upload(nbytes=self.up, raw_bytes=4 * self.up, codec="fixed")
+
+    def ingest(self, client: int, upload: Upload) -> Ingested:
+        return Ingested(flops=self.server_flops, accepted=True, update=client)
+
+    def aggregate(self, round_: int, arrivals: list[Arrival]) -> float:
+        self.aggregated.append((round_, list(arrivals)))
+        return self.aggregate_flops
+
+    def evaluate(self, round_: int) -> dict[str, float]:
+        return {"accuracy": 0.5 + 0.01 * round_}

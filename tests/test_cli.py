@@ -1,0 +1,70 @@
+"""The command line: exit codes, messages without tracebacks, the run directory."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+GOOD = """\
+name: tiny
+rounds: 2
+workload: {name: synthetic, update_bytes: 20000, download_bytes: 20000}
+clients:
+  - {profile: mobile, count: 4}
+  - {profile: laptop, count: 2}
+network:
+  channel: {name: pathloss}
+"""
+
+
+def fedsim(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fedsim", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_validate_ok(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(GOOD)
+    r = fedsim("validate", p)
+    assert r.returncode == 0, r.stderr
+    assert "valid" in r.stdout
+
+
+@pytest.mark.parametrize(("text", "args", "expected"), [
+    (GOOD + "bogus: 1\n", [], "bogus: unknown key"),
+    (GOOD.replace("rounds: 2", "rounds: two"), [], "rounds: Input should be a valid integer"),
+    (GOOD + "network:\n  cells: [{uplink_bandwidth_hz: -1}]\n", [],
+     "network.cells.0.uplink_bandwidth_hz: Input should be greater than 0"),
+    (GOOD.replace("count: 4", "count: 0"), [], "clients.0.count"),
+    ("name: [oops\n", [], "malformed YAML"),
+    (GOOD, ["--set", "clients.0.wings=2"], "clients.0.wings: no such key"),
+    (GOOD, ["--set", "network.cells.0.sharing=cdma"], "network.cells.0.sharing"),
+])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_bad_input_exits_2_without_traceback(tmp_path, text, args, expected, command):
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    out = ["--out", tmp_path / "out"] if command == "run" else []
+    r = fedsim(command, p, *args, *out)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert expected in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_file_exits_2(tmp_path):
+    r = fedsim("run", tmp_path / "absent.yaml")
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_writes_run_directory(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(GOOD)
+    out = tmp_path / "run"
+    r = fedsim("run", p, "--out", out, "--set", "seed=5")
+    assert r.returncode == 0, r.stderr
+    assert "latency (s)" in r.stdout and str(out) in r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["rounds_completed"] == 2 and s["seed"] == 5
+    assert "seed: 5" in (out / "scenario.yaml").read_text()
