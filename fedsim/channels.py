@@ -75,8 +75,20 @@ class Channel(ABC):
         self.fleet = fleet
 
     @abstractmethod
+    def flow_state(self, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
+        """Per-flow channel state at ``t`` (e.g. SNR, or the rate alone in the cell).
+
+        It changes only at ``next_change_s``; a link keeps it beside its flows and asks again
+        only for joining flows or once the channel has changed.
+        """
+
+    @abstractmethod
+    def shared_rates(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
+        """Rate (bits/s) of each flow active together in ``cell``, from their states."""
+
     def rates_bps(self, cell: int, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
-        """Rate (bits/s) of each of ``clients``, all active together in ``cell``."""
+        """Rate (bits/s) of each of ``clients``, all active together in ``cell`` at ``t``."""
+        return self.shared_rates(cell, direction, self.flow_state(direction, clients, t))
 
     def next_change_s(self, t: float) -> float:
         """Next time after ``t`` at which rates change by themselves (fading, trace step)."""
@@ -93,10 +105,13 @@ class Channel(ABC):
 class StaticChannel(Channel):
     """The cell carrier has a fixed rate (``cells[i].uplink_rate_bps``), shared equally."""
 
-    def rates_bps(self, cell: int, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
+    def flow_state(self, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
+        return np.ones(len(clients))
+
+    def shared_rates(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
         c = self.cells[cell]
         total = c.uplink_rate_bps if direction == UPLINK else c.downlink_rate_bps
-        return np.full(len(clients), total / max(len(clients), 1))
+        return state * (total / max(len(state), 1))
 
 
 @CHANNELS.register("pathloss")
@@ -106,8 +121,7 @@ class PathlossChannel(Channel):
     def __init__(self, cfg: ChannelConfig, cells: list[CellConfig], fleet: Fleet,
                  rng: np.random.Generator) -> None:
         super().__init__(cfg, cells, fleet, rng)
-        n = fleet.size
-        shadow_db = cfg.shadowing_sigma_db * rng.standard_normal(n)  # location: UL = DL
+        shadow_db = cfg.shadowing_sigma_db * rng.standard_normal(fleet.size)  # location: UL = DL
         self._fading_key = int(rng.integers(0, 2**63))
         loss_db = pathloss_db(fleet.distance_m) + shadow_db
         cell = np.clip(fleet.cell, 0, None)
@@ -122,9 +136,6 @@ class PathlossChannel(Channel):
         self.snr_db = {UPLINK: ul_rx - ul_noise, DOWNLINK: dl_rx - dl_noise}
         self._snr_lin = {d: 10.0 ** (v / 10.0) for d, v in self.snr_db.items()}
         self._outage_lin = 10.0 ** (cfg.outage_snr_db / 10.0)
-        # Fading of each client in the block it was last drawn for (drawn once per block).
-        self._gain = {d: np.ones(n) for d in (UPLINK, DOWNLINK)}
-        self._gain_block = {d: np.full(n, -1, dtype=np.int64) for d in (UPLINK, DOWNLINK)}
 
     def _block(self, t: float) -> int:
         return math.floor(t / self.cfg.coherence_time_s + 1e-9)
@@ -134,28 +145,24 @@ class PathlossChannel(Channel):
             return math.inf
         return (self._block(t) + 1) * self.cfg.coherence_time_s
 
-    def snr_linear(self, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
-        """Full-band SNR of each client now (fading included)."""
+    def flow_state(self, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
+        """Full-band SNR (linear) of each client at ``t``, fading included."""
         snr = self._snr_lin[direction][clients]
         if not self.cfg.fading:
             return snr
-        block, gain, drawn = self._block(t), self._gain[direction], self._gain_block[direction]
-        stale = clients[drawn[clients] != block]
-        if stale.size:
-            stream = 0 if direction == UPLINK else 1
-            gain[stale] = rayleigh_power_gain(self._fading_key, stale, block, stream)
-            drawn[stale] = block
-        return snr * gain[clients]
+        stream = 0 if direction == UPLINK else 1
+        return snr * rayleigh_power_gain(self._fading_key, clients, self._block(t), stream)
 
-    def rates_bps(self, cell: int, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
+    def shared_rates(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
         c = self.cells[cell]
-        k = max(len(clients), 1)
+        k = max(len(state), 1)
         bw = c.uplink_bandwidth_hz if direction == UPLINK else c.downlink_bandwidth_hz
-        snr = self.snr_linear(direction, clients, t)
-        if c.sharing == "ofdma" and direction == UPLINK:
-            snr = snr * k  # same transmit power on 1/K of the band: K times the SNR per Hz
-        rate = (bw / k) * np.log2(1.0 + snr)  # ofdma: B/K Hz all the time; tdma: B, 1/K of it
-        return np.where(snr < self._outage_lin, 0.0, rate)
+        snr = state * k if c.sharing == "ofdma" and direction == UPLINK else state
+        # ofdma: same transmit power on B/K Hz, so K times the SNR per Hz (uplink only);
+        # tdma: the whole band B for 1/K of the time. Either way B/K times the bits/s/Hz.
+        rate = (bw / k) * np.log2(1.0 + snr)
+        rate[snr < self._outage_lin] = 0.0
+        return rate
 
 
 @CHANNELS.register("trace")
@@ -178,13 +185,17 @@ class TraceChannel(Channel):
         self._rates = {UPLINK: [series[k][1] for k in keys], DOWNLINK: [series[k][2] for k in keys]}
         self._all_times = np.unique(np.concatenate(self._times))
 
-    def rates_bps(self, cell: int, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
+    def flow_state(self, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
+        """Each client's trace rate at ``t`` (its rate alone in the cell)."""
         s = len(self._times)
         out = np.empty(len(clients))
         for j in np.unique(clients % s):  # one lookup per distinct series, not per client
             i = max(int(np.searchsorted(self._times[j], t, side="right")) - 1, 0)
             out[clients % s == j] = self._rates[direction][j][i]
-        return out / max(len(clients), 1)
+        return out
+
+    def shared_rates(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
+        return state / max(len(state), 1)
 
     def next_change_s(self, t: float) -> float:
         i = int(np.searchsorted(self._all_times, t + 1e-12, side="right"))
@@ -225,6 +236,8 @@ def make_channel(cfg: ChannelConfig, cells: list[CellConfig], fleet: Fleet,
 # --- fluid flows ---------------------------------------------------------------------------
 
 _DONE_BITS = 1e-6  # a flow with fewer bits left than this has finished (float round-off)
+_NO_RATE = 1e-200  # bits/s standing in for 0 (outage) so that finish times stay finite
+_NEVER_S = 1e150  # a finish time this far is an outage
 
 
 class SharedLink:
@@ -239,6 +252,8 @@ class SharedLink:
         self.clients = np.empty(0, dtype=np.int64)
         self.remaining_bits = np.empty(0)
         self.rates = np.empty(0)
+        self.state = np.empty(0)  # channel state of each flow, valid until _state_until
+        self._state_until = math.inf
         self.events: dict[int, tuple[simpy.Event, float]] = {}  # client -> (done, bits)
         self.busy_s = 0.0  # time with at least one active flow
         self.bits_carried = 0.0
@@ -255,9 +270,14 @@ class SharedLink:
         if nbytes <= 0:
             return done.succeed(True)
         self._advance()
-        self.clients = np.append(self.clients, client)
+        one = np.array([client], dtype=np.int64)
+        now = self.env.now
+        if not len(self.clients):
+            self._state_until = self.channel.next_change_s(now)
+        self.clients = np.append(self.clients, one)
         self.remaining_bits = np.append(self.remaining_bits, 8.0 * nbytes)
         self.rates = np.append(self.rates, 0.0)
+        self.state = np.append(self.state, self.channel.flow_state(self.direction, one, now))
         self.events[client] = (done, 8.0 * nbytes)
         self._changed()
         return done
@@ -290,6 +310,7 @@ class SharedLink:
         self.clients = self.clients[keep]
         self.remaining_bits = self.remaining_bits[keep]
         self.rates = self.rates[keep]
+        self.state = self.state[keep]
 
     def _end(self, mask: np.ndarray, ok: bool) -> None:
         """Remove the flows in ``mask`` and tell their clients (``ok``: all bits crossed)."""
@@ -321,19 +342,21 @@ class SharedLink:
     def _finish(self) -> None:
         """Complete finished flows, recompute the rates, schedule the next wake-up."""
         # Finished: less than a bit, or less than a nanosecond at its rate, left (round-off).
-        done = self.remaining_bits <= np.maximum(_DONE_BITS, self.rates * 1e-9)
+        done = self.remaining_bits <= self.rates * 1e-9 + _DONE_BITS
         if done.any():
             self._end(done, ok=True)
         if not len(self.clients):
             return
         now = self.env.now
-        self.rates = self.channel.rates_bps(self.cell, self.direction, self.clients, now)
-        change_at = self.channel.next_change_s(now)
-        with np.errstate(divide="ignore"):
-            finish_in = self.remaining_bits / self.rates  # inf for flows in outage
+        if now >= self._state_until:  # fading block or trace step changed: every flow's state
+            self.state = self.channel.flow_state(self.direction, self.clients, now)
+            self._state_until = self.channel.next_change_s(now)
+        self.rates = self.channel.shared_rates(self.cell, self.direction, self.state)
+        change_at = self._state_until
+        finish_in = self.remaining_bits / np.maximum(self.rates, _NO_RATE)
         first = float(finish_in.min())
-        if math.isinf(first) and math.isinf(change_at):
-            self._end(np.isinf(finish_in), ok=False)  # outage that nothing will lift
+        if first >= _NEVER_S and math.isinf(change_at):
+            self._end(self.rates <= 0, ok=False)  # outage that nothing will lift
             return
         self._version += 1
         version = self._version

@@ -33,6 +33,18 @@ ROUND_POLICIES: Registry[type[RoundPolicy]] = Registry("round policy")
 GIB = 2**30
 
 
+class CountingEnvironment(simpy.Environment):
+    """A SimPy environment that counts the events it processes (for benchmarks and summaries)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events_processed = 0
+
+    def step(self) -> None:
+        self.events_processed += 1
+        super().step()
+
+
 class Availability:
     """On/off Markov chain per client with exponential holding times (mean_on_s, mean_off_s).
 
@@ -154,6 +166,7 @@ class Ticket:
     client: int
     round: int
     arrived: bool = False  # past the upload: a deadline no longer applies
+    phase: str = "select"
     transfer: SharedLink | WiredLink | None = None  # the flow in progress, to cancel
     job: Job | None = None  # the training job in progress, to cancel
 
@@ -164,7 +177,7 @@ class Simulation:
     def __init__(self, scenario: Scenario, workload: Workload | None = None,
                  executor: Executor | None = None) -> None:
         self.scenario = scenario
-        self.env = simpy.Environment()
+        self.env = CountingEnvironment()
         self.fleet = build_fleet(scenario, stream(scenario.seed, "fleet"))
         self.network = Network(self.env, scenario, self.fleet)
         self.server = Server(self.env, scenario.server.workers, scenario.server.queue_capacity)
@@ -184,25 +197,29 @@ class Simulation:
 
     # --- the life of one update -------------------------------------------------------------
 
-    def _offline_event(self, client: int) -> simpy.Event:
-        t_off = self.availability.next_off_s(client, self.env.now)
-        return self.env.event() if math.isinf(t_off) else self.env.timeout(t_off - self.env.now)
+    def _schedule_dropout(self, tk: Ticket, proc: simpy.Process) -> None:
+        """Interrupt the update when its client goes offline, unless it has arrived by then."""
+        t_off = self.availability.next_off_s(tk.client, self.env.now)
+        if math.isinf(t_off):
+            return
 
-    def _transfer(self, tk: Ticket, direction: str, nbytes: int,
-                  off: simpy.Event) -> Generator[simpy.Event, None, bool]:
+        def drop(_event: simpy.Event) -> None:
+            if proc.is_alive and not tk.arrived:
+                proc.interrupt("dropout")
+
+        self.env.timeout(t_off - self.env.now).callbacks.append(drop)
+
+    def _transfer(self, tk: Ticket, direction: str, nbytes: int
+                  ) -> Generator[simpy.Event, None, bool]:
         c, env = tk.client, self.env
         link = self.network.link(c, direction)
         started = env.now
+        tk.phase = direction
         self.rec.emit(started, tk.round, c, f"{direction}_start", nbytes)
-        done = link.transfer(c, nbytes)
         tk.transfer = link
-        yield done | off
+        ok = yield link.transfer(c, nbytes)
         tk.transfer = None
-        if not done.triggered:
-            link.cancel(c)
-            self.rec.emit(env.now, tk.round, c, "dropout", 0, direction)
-            return False
-        if done.value is False:
+        if not ok:
             self.rec.emit(env.now, tk.round, c, "outage", 0, direction)
             return False
         phase = "upload" if direction == UPLINK else "download"
@@ -212,9 +229,10 @@ class Simulation:
         self.per_client[key_][c] += nbytes
         return True
 
-    def _train(self, tk: Ticket, off: simpy.Event) -> Generator[simpy.Event, None, object]:
+    def _train(self, tk: Ticket) -> Generator[simpy.Event, None, object]:
         """Step 3: plan the job, fail it if it does not fit, else wait FLOPs / FLOP/s."""
         c, env, wl = tk.client, self.env, self.workload
+        tk.phase = "train"
         plan = wl.plan(c, tk.round)
         limit = self.fleet.memory_gib[c] * GIB
         if plan.peak_memory_bytes > limit:
@@ -222,15 +240,10 @@ class Simulation:
             self.rec.emit(env.now, tk.round, c, "oom", 0, detail)
             return None
         self.rec.emit(env.now, tk.round, c, "train_start", 0, f"flops={plan.flops:.4g}")
-        job = tk.job = self.executor.submit(wl.train, c, tk.round, plan)
+        tk.job = self.executor.submit(wl.train, c, tk.round, plan)
         compute_s = plan.flops / self.fleet.flops_per_s[c]
-        timer = env.timeout(compute_s)
-        yield timer | off
-        tk.job = None
-        if not timer.triggered:
-            job.cancel()
-            self.rec.emit(env.now, tk.round, c, "dropout", 0, "train")
-            return None
+        yield env.timeout(compute_s)
+        job, tk.job = tk.job, None
         self.compute_s[c] += compute_s
         self.rec.latency("compute", compute_s)
         update = job.result()
@@ -239,31 +252,36 @@ class Simulation:
 
     def client_update(self, tk: Ticket, deadline_at: float | None = None
                       ) -> Generator[simpy.Event, None, Arrival | None]:
-        """Download -> train -> encode -> upload -> ingest. Returns the accepted Arrival."""
+        """Download -> train -> encode -> upload -> ingest. Returns the accepted Arrival.
+
+        A dropout (the client goes offline) or the round's deadline interrupts it; whatever
+        it was doing is cancelled and the interruption recorded.
+        """
         c, env, wl = tk.client, self.env, self.workload
-        off = self._offline_event(c)
+        self._schedule_dropout(tk, env.active_process)
         self.per_client["updates_sent"][c] += 1
         try:
-            if not (yield from self._transfer(tk, DOWNLINK, wl.download_bytes(c), off)):
+            if not (yield from self._transfer(tk, DOWNLINK, wl.download_bytes(c))):
                 return self._failed(c)
-            trained = yield from self._train(tk, off)
+            trained = yield from self._train(tk)
             if trained is None:
                 return self._failed(c)
             plan, update = trained
+            tk.phase = "encode"
             link = self.network.link(c, UPLINK)
             time_left = None if deadline_at is None else deadline_at - env.now
             upload = wl.encode(c, update, link.estimate_rate_bps(c), time_left)
             self.rec.bytes_up_raw += upload.raw_bytes
             self.rec.emit(env.now, tk.round, c, "encode", upload.nbytes,
                           f"{upload.codec} raw={upload.raw_bytes} err={upload.rel_error:.4g}")
-            if not (yield from self._transfer(tk, UPLINK, upload.nbytes, off)):
+            if not (yield from self._transfer(tk, UPLINK, upload.nbytes)):
                 return self._failed(c)
         except simpy.Interrupt as stop:
             if tk.transfer is not None:
                 tk.transfer.cancel(c)
             if tk.job is not None:
                 tk.job.cancel()
-            self.rec.emit(env.now, tk.round, c, str(stop.cause), 0, "")
+            self.rec.emit(env.now, tk.round, c, str(stop.cause), 0, tk.phase)
             return self._failed(c)
         tk.arrived = True
         return (yield from self._ingest(tk, plan.num_samples, upload))
@@ -411,6 +429,7 @@ class Simulation:
                 "updates_started": int(self.per_client["updates_sent"].sum()),
                 "updates_accepted": int(self.per_client["updates_accepted"].sum()),
                 "events": rec.num_events,
+                "sim_events": self.env.events_processed,
             },
             "wall_time_s": wall_time_s,
         }
