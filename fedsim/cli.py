@@ -1,4 +1,4 @@
-"""``fedsim run | validate``: the command line.
+"""``fedsim run | validate | models``: the command line.
 
 Bad input of any kind exits 2 with one clear message and no traceback; a bug still shows its
 traceback (exit 1), because hiding it would hide the bug.
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a scenario; exit 0 if valid, 2 if not")
     val.add_argument("scenario")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sub.add_parser("models", help="list the model registry and which models are installed")
     return p
 
 
@@ -97,7 +99,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate}
+def cmd_models(args: argparse.Namespace) -> int:
+    from fedsim.models import list_models
+
+    cols = ("name", "architecture", "kind", "parameters", "hidden_size", "layers", "installed")
+    rows = [[_cell(m.get(c)) for c in cols] for m in list_models()]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    missing = [m for m in list_models() if not m.get("installed")]
+    for m in missing:
+        print(f"  {m['name']}: not installed; {m.get('package')}")
+    return 0
+
+
+def _cell(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int) and v >= 1_000_000:
+        return f"{v / 1e6:.1f}M"
+    return str(v)
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

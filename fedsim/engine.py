@@ -270,7 +270,7 @@ class Simulation:
             tk.phase = "encode"
             link = self.network.link(c, UPLINK)
             time_left = None if deadline_at is None else deadline_at - env.now
-            upload = wl.encode(c, update, link.estimate_rate_bps(c), time_left)
+            upload = wl.encode(c, tk.round, update, link.estimate_rate_bps(c), time_left)
             self.rec.bytes_up_raw += upload.raw_bytes
             self.rec.emit(env.now, tk.round, c, "encode", upload.nbytes,
                           f"{upload.codec} raw={upload.raw_bytes} err={upload.rel_error:.4g}")

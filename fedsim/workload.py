@@ -7,7 +7,7 @@ the workload (registry ``WORKLOADS``):
 - ``plan(client, round)``: FLOPs and peak memory of the local job, known before it runs
   (the engine waits FLOPs / device FLOP/s and fails a job the device cannot hold);
 - ``train(client, round, plan)``: the job itself, returning an opaque ``Update``;
-- ``encode(client, update, rate_bps, time_left_s)``: the upload, whose ``nbytes`` is what the
+- ``encode(client, round, update, rate_bps, time_left_s)``: the upload, whose ``nbytes`` is what the
   channel carries;
 - ``ingest(client, upload)``: server-side decode + projection, FLOPs of that work, and whether
   the update is accepted (a corrupt or poisoned one is not);
@@ -89,7 +89,7 @@ class Workload(ABC):
     def train(self, client: int, round_: int, plan: JobPlan) -> Any: ...
 
     @abstractmethod
-    def encode(self, client: int, update: Any, rate_bps: float,
+    def encode(self, client: int, round_: int, update: Any, rate_bps: float,
                time_left_s: float | None) -> Upload: ...
 
     @abstractmethod
@@ -133,7 +133,7 @@ class SyntheticWorkload(Workload):
     def train(self, client: int, round_: int, plan: JobPlan) -> None:
         return None
 
-    def encode(self, client: int, update: Any, rate_bps: float,
+    def encode(self, client: int, round_: int, update: Any, rate_bps: float,
                time_left_s: float | None) -> Upload:
         n = self.cfg.update_bytes
         return Upload(nbytes=n, raw_bytes=n, codec="synthetic")
@@ -146,5 +146,9 @@ class SyntheticWorkload(Workload):
 
 
 def make_workload(scenario: Scenario, fleet: Fleet) -> Workload:
+    if scenario.workload.name not in WORKLOADS:
+        # The real workload registers itself on import; torch and transformers load only now,
+        # so network-only runs never pay for them.
+        import fedsim.federation  # noqa: F401
     return WORKLOADS.get(scenario.workload.name)(scenario, fleet)
 

@@ -37,7 +37,7 @@ class FixedWorkload(Workload):
         self.trained.append((client, round_))
         return {"client": client}
 
-    def encode(self, client, update, rate_bps, time_left_s) -> Upload:
+    def encode(self, client, round_, update, rate_bps, time_left_s) -> Upload:
         self.encoded.append((client, rate_bps, time_left_s))
         return Upload(nbytes=self.up, raw_bytes=4 * self.up, codec="fixed")
 

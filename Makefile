@@ -1,0 +1,39 @@
+# The two commands of the README:
+#   make quickstart   set up a fresh machine, run scenarios/quickstart.yaml
+#   make test         set up a fresh machine, run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup quickstart test test-fast lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: the CPU build lies on the machine's disk; an open range would pull CUDA.
+setup: $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip
+	$(BIN)/python -m pip install --disable-pip-version-check -q "torch==2.13.0"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,notebooks]"
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/install-models.sh
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/install-data.sh
+
+quickstart: setup
+	HF_HUB_OFFLINE=1 $(BIN)/fedsim run scenarios/quickstart.yaml
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Developers' inner loop: tiny models only (the real-model tests are marked slow).
+test-fast:
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint:
+	$(BIN)/ruff check fedsim tests benchmarks
+
+bench:
+	$(BIN)/python benchmarks/bench_engine.py
+
+clean:
+	rm -rf $(VENV) runs sweeps .pytest_cache .ruff_cache
