@@ -249,35 +249,54 @@ class SharedLink:
 
     def __init__(self, env: simpy.Environment, channel: Channel, cell: int, direction: str):
         self.env, self.channel, self.cell, self.direction = env, channel, cell, direction
-        self.clients = np.empty(0, dtype=np.int64)
-        self.remaining_bits = np.empty(0)
-        self.rates = np.empty(0)
-        self.state = np.empty(0)  # channel state of each flow, valid until _state_until
-        self._state_until = math.inf
+        # Flow columns in arrays with spare capacity (doubled when full), the first k in use:
+        # a join writes one slot instead of reallocating every column.
+        self._k = 0
+        self._ids = np.empty(16, dtype=np.int64)
+        self._cols = np.empty((3, 16))  # remaining bits, rate (bits/s), channel state
+        self._state_until = math.inf  # the states are valid until then
         self.events: dict[int, tuple[simpy.Event, float]] = {}  # client -> (done, bits)
         self.busy_s = 0.0  # time with at least one active flow
         self.bits_carried = 0.0
         self._t = 0.0  # time the arrays were last advanced to
-        self._version = 0  # stale wake-ups carry an older version and are ignored
+        self._wake_at = math.inf  # the pending wake-up; others that fire are stale, ignored
         self._flush_pending = False
 
     @property
     def active(self) -> int:
-        return len(self.clients)
+        return self._k
+
+    @property
+    def clients(self) -> np.ndarray:
+        return self._ids[: self._k]
+
+    @property
+    def remaining_bits(self) -> np.ndarray:
+        return self._cols[0, : self._k]
+
+    @property
+    def rates(self) -> np.ndarray:
+        return self._cols[1, : self._k]
+
+    @property
+    def state(self) -> np.ndarray:
+        return self._cols[2, : self._k]
 
     def transfer(self, client: int, nbytes: int) -> simpy.Event:
         done = self.env.event()
         if nbytes <= 0:
             return done.succeed(True)
         self._advance()
-        one = np.array([client], dtype=np.int64)
-        now = self.env.now
-        if not len(self.clients):
+        now, k = self.env.now, self._k
+        if not k:
             self._state_until = self.channel.next_change_s(now)
-        self.clients = np.append(self.clients, one)
-        self.remaining_bits = np.append(self.remaining_bits, 8.0 * nbytes)
-        self.rates = np.append(self.rates, 0.0)
-        self.state = np.append(self.state, self.channel.flow_state(self.direction, one, now))
+        if k == len(self._ids):
+            self._ids = np.concatenate([self._ids, np.empty_like(self._ids)])
+            self._cols = np.concatenate([self._cols, np.empty_like(self._cols)], axis=1)
+        self._ids[k] = client
+        state = self.channel.flow_state(self.direction, self._ids[k : k + 1], now)[0]
+        self._cols[:, k] = (8.0 * nbytes, 0.0, state)
+        self._k = k + 1
         self.events[client] = (done, 8.0 * nbytes)
         self._changed()
         return done
@@ -301,16 +320,16 @@ class SharedLink:
 
     def _advance(self) -> None:
         dt = self.env.now - self._t
-        if dt > 0 and len(self.clients):
-            self.remaining_bits -= self.rates * dt
+        if dt > 0 and self._k:
+            self.remaining_bits[:] -= self.rates * dt
             self.busy_s += dt
         self._t = self.env.now
 
     def _compress(self, keep: np.ndarray) -> None:
-        self.clients = self.clients[keep]
-        self.remaining_bits = self.remaining_bits[keep]
-        self.rates = self.rates[keep]
-        self.state = self.state[keep]
+        k = int(keep.sum())
+        self._ids[:k] = self.clients[keep]
+        self._cols[:, :k] = self._cols[:, : self._k][:, keep]
+        self._k = k
 
     def _end(self, mask: np.ndarray, ok: bool) -> None:
         """Remove the flows in ``mask`` and tell their clients (``ok``: all bits crossed)."""
@@ -324,7 +343,6 @@ class SharedLink:
 
     def _changed(self) -> None:
         """Recompute once at the end of this instant, however many flows joined or left in it."""
-        self._version += 1
         if not self._flush_pending:
             self._flush_pending = True
             self.env.timeout(0).callbacks.append(self._flush)
@@ -334,8 +352,9 @@ class SharedLink:
         self._advance()
         self._finish()
 
-    def _wake(self, version: int) -> None:
-        if version == self._version:
+    def _wake(self, at: float) -> None:
+        if at == self._wake_at:
+            self._wake_at = math.inf
             self._advance()
             self._finish()
 
@@ -345,23 +364,24 @@ class SharedLink:
         done = self.remaining_bits <= self.rates * 1e-9 + _DONE_BITS
         if done.any():
             self._end(done, ok=True)
-        if not len(self.clients):
+        if not self._k:
             return
         now = self.env.now
         if now >= self._state_until:  # fading block or trace step changed: every flow's state
-            self.state = self.channel.flow_state(self.direction, self.clients, now)
+            self.state[:] = self.channel.flow_state(self.direction, self.clients, now)
             self._state_until = self.channel.next_change_s(now)
-        self.rates = self.channel.shared_rates(self.cell, self.direction, self.state)
+        self.rates[:] = self.channel.shared_rates(self.cell, self.direction, self.state)
         change_at = self._state_until
         finish_in = self.remaining_bits / np.maximum(self.rates, _NO_RATE)
         first = float(finish_in.min())
         if first >= _NEVER_S and math.isinf(change_at):
             self._end(self.rates <= 0, ok=False)  # outage that nothing will lift
             return
-        self._version += 1
-        version = self._version
-        self.env.timeout(min(first, change_at - now)).callbacks.append(
-            lambda _e: self._wake(version))
+        wake_at = now + min(first, change_at - now)
+        if self._wake_at <= wake_at:
+            return  # an earlier wake-up is pending: it will recompute and reschedule
+        self._wake_at = wake_at
+        self.env.timeout(wake_at - now).callbacks.append(lambda _e: self._wake(wake_at))
 
 
 class WiredLink:

@@ -27,8 +27,25 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def _splitmix64_int(x: int) -> int:
+    """:func:`_splitmix64` on one Python int (no numpy call overhead for a single draw)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def hashed_uniform_one(key: int, a: int, b: int) -> float:
+    """One draw of :func:`hashed_uniform`, bit-identical to the vectorized one."""
+    x = _splitmix64_int(((a * 0xD1B54A32D192ED03) & _MASK64) ^ (key & _MASK64))
+    x = _splitmix64_int(x ^ (b & (2**62 - 1)))
+    return ((x >> 11) + 0.5) * (1.0 / 2**53)
+
+
 def hashed_uniform(key: int, a: np.ndarray, b: np.ndarray | int) -> np.ndarray:
     """Uniform (0, 1) draws, one per element of ``a`` (and ``b``), a pure function of the keys."""
+    if np.ndim(a) == 1 and len(a) == 1 and np.ndim(b) == 0:
+        return np.array([hashed_uniform_one(key, int(a[0]), int(b))])
     a64 = np.asarray(a).astype(np.uint64)
     b64 = (np.asarray(b).astype(np.int64) & np.int64(2**62 - 1)).astype(np.uint64)
     with np.errstate(over="ignore"):

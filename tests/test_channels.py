@@ -258,3 +258,12 @@ def test_wired_clients_bypass_the_cell(scenario_factory):
     env.process(go(1))
     env.run()
     assert t[0] == t[1] == pytest.approx(8e6 / 1e9)  # not shared: each at its own 1 Gbit/s
+
+
+def test_scalar_and_vector_hash_agree():
+    from fedsim.rng import hashed_uniform, hashed_uniform_one
+
+    ids = np.array([0, 1, 7, 12345, 2**40])
+    for b in (0, 5, 2**61 + 3):
+        vec = hashed_uniform(99, ids, b)
+        assert [hashed_uniform_one(99, int(a), b) for a in ids] == list(vec)
