@@ -8,6 +8,7 @@ once into the cache (``$FEDSIM_CACHE`` or ``~/.cache/fedsim``), atomically, as f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -470,6 +471,21 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No per-load report table or progress bar: a new head's missing keys are expected."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
 def load_model(name: str, head: str, num_labels: int | None = None, seed: int = 0) -> LoadedModel:
     """Load ``name`` in fp32 with task ``head``; a new head's init depends on ``seed`` alone."""
     source = model_source(name)
@@ -480,7 +496,7 @@ def load_model(name: str, head: str, num_labels: int | None = None, seed: int = 
     directory = source.local_dir()
     tokenizer = load_tokenizer(name)
     options = {} if num_labels is None else {"num_labels": num_labels}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
         torch.manual_seed(seed)  # new weights draw from the global generator; fork_rng restores it
         try:
             model = HEADS[head].from_pretrained(directory, dtype=torch.float32, **options)
