@@ -1,0 +1,529 @@
+"""Local LoRA fine-tuning of one client, its FLOP and memory accounting, and evaluation metrics.
+
+One ``FamilyTrainer`` per (model family, task) loads one frozen base model and wraps it once with
+peft; clients differ only by their adapter (LoRA A/B of the target modules plus the task head),
+which is copied into the model's trainable parameters before each job. Fifty clients thus cost
+one model and fifty adapters.
+
+A job is planned before it runs: ``plan`` draws the batches from the seed and tokenizes them, so
+the tokens, FLOPs (4·N·tokens, see DESIGN "The one rule") and peak memory are known before any
+training; the simulator waits ``flops / device FLOP/s`` and checks the memory against the device.
+``train`` then runs exactly that plan and returns the adapter delta.
+
+Prompts for generation are ``PROMPTS[dataset]`` (default ``"{text}\\n=>"``): the text's tokens are
+cut so that prompt + target fit in ``max_length``; the target follows with a space and ends with
+the end-of-sequence token; only target tokens carry the loss. Greedy decoding stops at the
+end-of-sequence token, and the decoded text is cut at its first newline (targets are one line).
+Causal-LM batches are left-padded (position ids count real tokens only) so that the logits, the
+costliest part of a small LM with a 50k-260k vocabulary, are computed for the target positions only.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, TaskType, get_peft_model
+from rouge_score import rouge_scorer
+
+from fedsim.data import Example
+from fedsim.errors import FedsimError
+from fedsim.models import load_model, non_embedding_parameters
+
+ROLES = ("q", "k", "v", "o", "up", "gate", "down")
+
+# Architecture -> role -> regex matched against the END of a module name, at a dot boundary
+# (``role_of``). BERT needs the layer index in ``down``: its ``attention.output.dense`` (role o)
+# also ends in ``output.dense``.
+_DECODER_ROLES = {"q": r"q_proj", "k": r"k_proj", "v": r"v_proj", "o": r"o_proj",
+                  "up": r"up_proj", "gate": r"gate_proj", "down": r"down_proj"}
+ROLE_MODULES: dict[str, dict[str, str]] = {
+    "bert": {"q": r"attention\.self\.query", "k": r"attention\.self\.key",
+             "v": r"attention\.self\.value", "o": r"attention\.output\.dense",
+             "up": r"intermediate\.dense", "down": r"layer\.\d+\.output\.dense"},
+    "mpnet": {"q": r"attn\.q", "k": r"attn\.k", "v": r"attn\.v", "o": r"attn\.o",
+              "up": r"intermediate\.dense", "down": r"layer\.\d+\.output\.dense"},
+    "llama": dict(_DECODER_ROLES),
+    "gemma3": dict(_DECODER_ROLES),
+}
+
+HEAD_FOR_TASK = {"classification": "sequence-classification",
+                 "multiple-choice": "multiple-choice", "generation": "causal-lm"}
+
+# Generation prompts by dataset name; "{text}" is replaced by the (cut) example text.
+PROMPTS = {"bbc-news": "{text}\nHeadline:",
+           "freedict-en-de": "Translate to German: {text}\nGerman:"}
+DEFAULT_PROMPT = "{text}\n=>"
+
+
+def _role_patterns(architecture: str) -> dict[str, str]:
+    if architecture not in ROLE_MODULES:
+        raise FedsimError(f"no module role map for architecture {architecture!r}; "
+                          f"known: {', '.join(ROLE_MODULES)}")
+    return ROLE_MODULES[architecture]
+
+
+def target_modules(architecture: str, roles: Sequence[str]) -> str:
+    """peft's ``LoraConfig.target_modules`` for ``roles``: one regex that peft full-matches."""
+    patterns = _role_patterns(architecture)
+    unknown = [r for r in roles if r not in patterns]
+    if unknown or not roles:
+        raise FedsimError(f"target_roles for {architecture} must be a non-empty subset of "
+                          f"{', '.join(patterns)}, got {list(roles)}")
+    return r".*\.(?:" + "|".join(patterns[r] for r in roles) + ")"
+
+
+def role_of(architecture: str, module_name: str) -> str | None:
+    """The role of module ``module_name`` (a name from ``named_modules`` or an adapter key
+    without its ``.lora_A.weight`` tail), or None if it has none."""
+    for role, pattern in _role_patterns(architecture).items():
+        if re.fullmatch(rf"(?:.*\.)?{pattern}", module_name):
+            return role
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounting: pure functions
+
+
+def lora_step_flops(non_embedding_params: int, tokens: int) -> float:
+    """FLOPs of LoRA training on ``tokens`` tokens: forward 2N + activation gradients 2N.
+
+    The frozen weights get no weight gradients (the 2N that makes a full fine-tune 6N); LoRA's
+    own matrices are r/h of a layer's and neglected. N excludes embedding tables, and so a tied
+    LM head (``models.non_embedding_parameters``): a causal LM's output layer, 2·V·h FLOPs per
+    token forward, is not counted.
+    """
+    return 4.0 * non_embedding_params * tokens
+
+
+def full_finetune_flops(non_embedding_params: int, tokens: int) -> float:
+    """FLOPs of full fine-tuning: forward 2N, activation gradients 2N, weight gradients 2N."""
+    return 6.0 * non_embedding_params * tokens
+
+
+def peak_memory_bytes(total_params: int, trainable_params: int, batch: int, seq_len: int,
+                      hidden: int, layers: int, heads: int, bytes_per_param: int = 4,
+                      vocab_size: int = 0, logit_len: int | None = None) -> int:
+    """Peak training memory in bytes: weights + gradients + AdamW state + activations.
+
+    weights ``bytes·P``; gradients of the trainable ``bytes·T``; AdamW's two moments ``2·bytes·T``
+    (8·T in fp32). Activations per transformer layer: ``s·b·h·(34 + 5·a·s/h)`` bytes for 16-bit
+    activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+    Models", eq. 1, no tensor parallelism or recomputation), scaled by ``bytes/2`` (×2 in fp32).
+    It is an upper bound for LoRA (frozen linears need not keep their inputs). ``vocab_size`` > 0
+    adds the output logits and their gradient, ``2·b·logit_len·V·bytes`` (``logit_len`` defaults
+    to ``seq_len``), which the paper leaves out and which dominate for small causal LMs with
+    50k-260k vocabularies.
+    """
+    s, b, h, a = seq_len, batch, hidden, heads
+    per_layer_16bit = s * b * h * (34 + 5 * a * s / h)
+    activations = layers * per_layer_16bit * bytes_per_param / 2
+    logits = 2 * b * (s if logit_len is None else logit_len) * vocab_size * bytes_per_param
+    states = bytes_per_param * total_params + 3 * bytes_per_param * trainable_params
+    return round(states + activations + logits)
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
+    """Counts ``[true, predicted]`` as an int64 (num_classes, num_classes) array."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return matrix
+
+
+def macro_f1(confusion: np.ndarray) -> float:
+    """Unweighted mean over classes of F1 = 2TP / (2TP + FP + FN).
+
+    Classes absent from both truth and predictions are left out (as scikit-learn does by
+    default); a class predicted but never true, or true but never predicted, scores 0.
+    """
+    tp = np.diag(confusion).astype(np.float64)
+    fp = confusion.sum(axis=0) - tp
+    fn = confusion.sum(axis=1) - tp
+    present = (tp + fp + fn) > 0
+    if not present.any():
+        return 0.0
+    return float(np.mean(2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])))
+
+
+def adapter_bytes(adapter: dict[str, torch.Tensor]) -> int:
+    """Bytes of an adapter's tensors as stored (fp32: 4 per value)."""
+    return sum(t.numel() * t.element_size() for t in adapter.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and results
+
+
+@dataclass(frozen=True)
+class LocalTrainingConfig:
+    """Hyperparameters of one client's local training (validated on construction)."""
+
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_roles: tuple[str, ...] = ("q", "v")
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    local_steps: int = 10
+    batch_size: int = 16
+    max_length: int = 64  # tokens per sequence, prompt + target for generation
+    max_new_tokens: int = 16  # greedy decoding length for generation metrics
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_roles", tuple(self.target_roles))
+        positive = {"lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "lr": self.lr,
+                    "local_steps": self.local_steps, "batch_size": self.batch_size,
+                    "max_new_tokens": self.max_new_tokens}
+        for key, value in positive.items():
+            if not value > 0:
+                raise FedsimError(f"{key} must be > 0, got {value}")
+        if not 0 <= self.lora_dropout < 1:
+            raise FedsimError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.weight_decay < 0:
+            raise FedsimError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_length < 8:
+            raise FedsimError(f"max_length must be >= 8, got {self.max_length}")
+        if not self.target_roles or set(self.target_roles) - set(ROLES):
+            raise FedsimError(f"target_roles must be a non-empty subset of {ROLES}, "
+                              f"got {self.target_roles}")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """A job fixed before it runs: batches (indices into the client's examples, one tuple per
+    local step) and what they cost."""
+
+    batches: tuple[tuple[int, ...], ...]
+    tokens: int  # tokens processed, padding included: Σ_steps batch·rows·padded_len
+    flops: float  # lora_step_flops(N, tokens)
+    peak_memory_bytes: int
+    num_samples: int  # distinct examples used
+    padded_lengths: tuple[int, ...] = ()  # tokens per sequence of each step, after padding
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a job returns: the adapter delta (fp32, CPU) and its measurements."""
+
+    delta: dict[str, torch.Tensor]
+    tokens: int
+    flops: float
+    peak_memory_bytes: int
+    num_samples: int
+    losses: tuple[float, ...]  # training loss of each local step (the batch mean)
+    loss_before: float  # mean loss over the plan's examples before training (eval mode)
+    loss_after: float  # the same after training
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and batching
+
+
+class _Row(NamedTuple):
+    """One tokenized sequence: an example has 1 row, or one per choice for multiple choice."""
+
+    ids: tuple[int, ...]
+    types: tuple[int, ...] | None  # token type ids (BERT), None where the model has none
+    labels: tuple[int, ...] | None  # causal-LM labels (-100 on the prompt), None otherwise
+
+
+def _pad(seqs: Sequence[Sequence[int]], value: int, length: int, left: bool) -> torch.Tensor:
+    """(len(seqs), length) int64 tensor, each sequence padded with ``value``."""
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        start = length - len(seq) if left else 0
+        out[i, start:start + len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def _logit_positions(rows: Sequence[_Row]) -> int:
+    """Positions whose logits a left-padded causal-LM batch needs: the longest target, plus
+    the prompt's last token, which predicts the target's first."""
+    return 1 + max(sum(t != -100 for t in r.labels or ()) for r in rows)
+
+
+def _collate(rows: Sequence[_Row], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Model inputs for ``rows`` padded to the longest (dynamic padding)."""
+    length = max(len(r.ids) for r in rows)
+    batch = {"input_ids": _pad([r.ids for r in rows], pad_id, length, left),
+             "attention_mask": _pad([[1] * len(r.ids) for r in rows], 0, length, left)}
+    if rows[0].types is not None:
+        batch["token_type_ids"] = _pad([r.types or () for r in rows], 0, length, left)
+    if rows[0].labels is not None:
+        batch["labels"] = _pad([r.labels or () for r in rows], -100, length, left)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class FamilyTrainer:
+    """One frozen base model of a family, wrapped once with LoRA; per-client adapters swap in.
+
+    Adapter keys are the base model's parameter names with LoRA's ``lora_A.weight`` /
+    ``lora_B.weight`` tails (``bert.encoder.layer.0.attention.self.query.lora_A.weight``) and the
+    task head's own names (``classifier.weight``): peft's ``base_model.model.``, ``.default`` and
+    ``modules_to_save.`` are stripped.
+    """
+
+    def __init__(self, model_name: str, task: str, num_labels: int | None,
+                 cfg: LocalTrainingConfig, seed: int, dataset: str | None = None) -> None:
+        if task not in HEAD_FOR_TASK:
+            raise FedsimError(f"task must be one of {', '.join(HEAD_FOR_TASK)}, got {task!r}")
+        if task == "classification" and (num_labels is None or num_labels < 2):
+            raise FedsimError(f"classification needs num_labels >= 2, got {num_labels}")
+        self.task, self.cfg = task, cfg
+        self.generative = task == "generation"
+        self.prompt = PROMPTS.get(dataset or "", DEFAULT_PROMPT)
+        loaded = load_model(model_name, HEAD_FOR_TASK[task], num_labels, seed=seed)
+        self.tokenizer, self.spec = loaded.tokenizer, loaded.spec
+        self.num_classes = num_labels if task == "classification" else None
+        base = loaded.model
+        self.non_embedding_params = non_embedding_parameters(base)  # N, before LoRA is added
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            torch.manual_seed(seed)  # LoRA A draws from the global generator; fork restores it
+            # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`: not ours.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            self.model = get_peft_model(base, self._lora_config())
+        self.model.eval()
+        self._params = {self._key(n): p for n, p in self.model.named_parameters()
+                        if p.requires_grad}
+        self._initial = {k: p.detach().clone() for k, p in self._params.items()}
+        self.total_params = sum(p.numel() for p in self.model.parameters())
+        self.trainable_params = sum(p.numel() for p in self._params.values())
+        self._cache: dict[Example, tuple[_Row, ...]] = {}  # training encodings, by value
+
+    def _lora_config(self) -> LoraConfig:
+        options = {"r": self.cfg.lora_r, "lora_alpha": self.cfg.lora_alpha,
+                   "lora_dropout": self.cfg.lora_dropout,
+                   "target_modules": target_modules(self.spec.architecture, self.cfg.target_roles)}
+        if self.task == "classification":  # peft adds the head (classifier/score) as trainable
+            return LoraConfig(task_type=TaskType.SEQ_CLS, **options)
+        if self.task == "multiple-choice":  # peft has no such task type: name the head
+            return LoraConfig(modules_to_save=["classifier"], **options)
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, **options)
+
+    @staticmethod
+    def _key(name: str) -> str:
+        name = name.removeprefix("base_model.model.")
+        return name.replace("modules_to_save.default.", "").replace(".default.", ".")
+
+    # -- adapters ---------------------------------------------------------------------------
+
+    def initial_adapter(self) -> dict[str, torch.Tensor]:
+        """The starting trainable state (LoRA A random, B zero, the head), fixed by ``seed``."""
+        return {k: t.clone() for k, t in self._initial.items()}
+
+    def apply(self, adapter: dict[str, torch.Tensor]) -> None:
+        """Copy ``adapter`` into the model's trainable parameters (it must have every key)."""
+        if adapter.keys() != self._params.keys():
+            missing = sorted(self._params.keys() - adapter.keys())[:3]
+            extra = sorted(adapter.keys() - self._params.keys())[:3]
+            raise FedsimError(f"adapter does not fit this model: missing {missing}, extra {extra}")
+        with torch.no_grad():
+            for key, param in self._params.items():
+                param.copy_(adapter[key])
+
+    def current_adapter(self) -> dict[str, torch.Tensor]:
+        """The model's trainable state now, detached fp32 copies."""
+        return {k: p.detach().to(torch.float32, copy=True) for k, p in self._params.items()}
+
+    # -- tokenization -----------------------------------------------------------------------
+
+    def _encode(self, example: Example) -> tuple[_Row, ...]:
+        """Training rows of ``example``, tokenized once per trainer (cached by value)."""
+        rows = self._cache.get(example)
+        if rows is None:
+            rows = self._tokenize(example)
+            self._cache[example] = rows
+        return rows
+
+    def _tokenize(self, example: Example) -> tuple[_Row, ...]:
+        tok, max_len = self.tokenizer, self.cfg.max_length
+        if self.generative:
+            target = tok(" " + (example.target or ""), add_special_tokens=False).input_ids
+            target = [*target[: max_len // 2 - 1], tok.eos_token_id]  # keep half for the prompt
+            prompt = self._prompt_ids(example.text, max_len - len(target))
+            return (_Row(tuple(prompt + target), None,
+                         tuple([-100] * len(prompt) + target)),)
+        if self.task == "multiple-choice":
+            pairs = [tok(example.text, c, truncation=True, max_length=max_len)
+                     for c in example.choices or ()]
+        else:
+            pairs = [tok(example.text, truncation=True, max_length=max_len)]
+        return tuple(_Row(tuple(e["input_ids"]), tuple(e["token_type_ids"])
+                          if "token_type_ids" in e else None, None) for e in pairs)
+
+    def _prompt_ids(self, text: str, room: int) -> list[int]:
+        """``self.prompt`` around ``text``, the text's tokens cut so the whole fits ``room``
+        (at least one text token is kept: a tiny ``max_length`` can be exceeded)."""
+        before, after = self.prompt.split("{text}")
+        head = self.tokenizer(before).input_ids  # with the tokenizer's start token, if any
+        tail = self.tokenizer(after, add_special_tokens=False).input_ids
+        body = self.tokenizer(text, add_special_tokens=False).input_ids
+        return head + body[: max(room - len(head) - len(tail), 1)] + tail
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def plan(self, examples: Sequence[Example], seed: int) -> TrainPlan:
+        """Batches for ``local_steps`` steps drawn from ``seed``, and their cost.
+
+        Each epoch is a fresh permutation cut into full batches (the remainder is dropped, so a
+        batch never repeats an example); a client with fewer examples than ``batch_size`` uses
+        all of them every step.
+        """
+        n, size, steps = len(examples), self.cfg.batch_size, self.cfg.local_steps
+        if n == 0:
+            raise FedsimError("a client needs at least one example to train")
+        rng = np.random.default_rng(seed)
+        batches: list[tuple[int, ...]] = []
+        while len(batches) < steps:
+            order = rng.permutation(n).tolist()
+            width = min(size, n)
+            batches += [tuple(order[i:i + width]) for i in range(0, n - width + 1, width)]
+        batches = batches[:steps]
+        lengths = tuple(max(len(r.ids) for i in b for r in self._encode(examples[i]))
+                        for b in batches)
+        rows = len(self._encode(examples[0]))  # sequences per example: 1, or one per choice
+        tokens = sum(len(b) * rows * length for b, length in zip(batches, lengths, strict=True))
+        used = [[examples[i] for i in b] for b in batches]
+        return TrainPlan(tuple(batches), tokens, lora_step_flops(self.non_embedding_params, tokens),
+                         self._peak_memory(used), len({i for b in batches for i in b}), lengths)
+
+    def _peak_memory(self, batches: Sequence[Sequence[Example]]) -> int:
+        """``peak_memory_bytes`` at the largest batch and longest padded sequence of a plan."""
+        rows = [[r for e in b for r in self._encode(e)] for b in batches]
+        config = self.model.config
+        return peak_memory_bytes(
+            self.total_params, self.trainable_params, batch=max(len(r) for r in rows),
+            seq_len=max(len(x.ids) for r in rows for x in r), hidden=config.hidden_size,
+            layers=config.num_hidden_layers, heads=config.num_attention_heads,
+            vocab_size=config.vocab_size if self.generative else 0,
+            logit_len=max(_logit_positions(r) for r in rows) if self.generative else None)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def _inputs(self, examples: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Model inputs and targets (class index per example, or LM labels per token)."""
+        encoded = [self._encode(e) for e in examples]
+        rows = [r for rows in encoded for r in rows]
+        if self.generative:
+            # Left padding lines the targets up at the end, so the (vocabulary-wide, costly)
+            # logits are computed for the last positions only; positions count real tokens.
+            batch = _collate(rows, self.tokenizer.pad_token_id, left=True)
+            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            batch["logits_to_keep"] = _logit_positions(rows)
+            return batch, batch.pop("labels")
+        batch = _collate(rows, self.tokenizer.pad_token_id)
+        if self.task == "multiple-choice":  # (batch·choices, len) -> (batch, choices, len)
+            batch = {k: v.view(len(examples), len(encoded[0]), -1) for k, v in batch.items()}
+        return batch, torch.tensor([e.label for e in examples], dtype=torch.long)
+
+    def _loss(self, examples: Sequence[Example]) -> torch.Tensor:
+        """Mean cross-entropy: over examples (class or choice), or over target tokens."""
+        batch, targets = self._inputs(examples)
+        logits = self.model(**batch).logits
+        if self.generative:  # the kept positions t predict tokens t+1 (the last one nothing)
+            targets = targets[:, -logits.shape[1]:]
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(),
+                                   ignore_index=-100)
+        return F.cross_entropy(logits, targets)
+
+    @torch.inference_mode()
+    def _mean_loss(self, examples: Sequence[Example]) -> float:
+        """Mean of per-batch losses over ``examples`` in eval mode, batch_size at a time."""
+        size = self.cfg.batch_size
+        losses = [self._loss(examples[i:i + size]).item() for i in range(0, len(examples), size)]
+        return float(np.mean(losses))
+
+    def train(self, adapter: dict[str, torch.Tensor], examples: Sequence[Example],
+              plan: TrainPlan, seed: int) -> TrainResult:
+        """Run ``plan`` from ``adapter`` with a fresh AdamW; return the adapter delta.
+
+        Same adapter, examples, plan and seed give a bit-identical delta (on the same machine
+        and thread count). ``seed`` drives dropout, in a forked global generator that is
+        restored afterwards. Loss before/after is measured on the plan's distinct examples in
+        eval mode; it is not part of the plan's FLOPs (a measurement, not client work).
+        """
+        self.apply(adapter)
+        used = [examples[i] for i in sorted({i for b in plan.batches for i in b})]
+        optimizer = torch.optim.AdamW(list(self._params.values()), lr=self.cfg.lr,
+                                      weight_decay=self.cfg.weight_decay)
+        loss_before = self._mean_loss(used)
+        losses = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model.train()
+            try:
+                for batch in plan.batches:
+                    loss = self._loss([examples[i] for i in batch])
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(loss.item())
+            finally:
+                self.model.eval()
+        loss_after = self._mean_loss(used)
+        delta = {k: (p.detach().float() - adapter[k].float()).cpu()
+                 for k, p in self._params.items()}
+        delta_norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())))
+        return TrainResult(delta, plan.tokens, plan.flops, plan.peak_memory_bytes,
+                           plan.num_samples, tuple(losses), loss_before, loss_after,
+                           {"delta_norm": delta_norm, "loss_first": losses[0],
+                            "loss_last": losses[-1]})
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def evaluate(self, adapter: dict[str, torch.Tensor], examples: Sequence[Example],
+                 limit: int | None = None) -> dict[str, float]:
+        """Metrics of ``adapter`` on ``examples[:limit]``: ``loss`` and accuracy/macro_f1, or
+        rougeL (F-measure, 0-1), chrf and bleu (sacrebleu's 0-100) of greedy decodes."""
+        self.apply(adapter)
+        examples = list(examples[:limit])
+        if not examples:
+            raise FedsimError("evaluate needs at least one example")
+        metrics = {"loss": self._mean_loss(examples)}
+        if self.generative:
+            return metrics | self._generation_metrics(examples)
+        size, predicted = self.cfg.batch_size, []
+        for i in range(0, len(examples), size):
+            batch, _ = self._inputs(examples[i:i + size])
+            predicted += self.model(**batch).logits.argmax(-1).tolist()
+        truth = [e.label for e in examples]
+        classes = self.num_classes or len(examples[0].choices or ())
+        confusion = confusion_matrix(truth, predicted, classes)
+        return metrics | {"accuracy": float(np.trace(confusion) / len(examples)),
+                          "macro_f1": macro_f1(confusion)}
+
+    def _generation_metrics(self, examples: Sequence[Example]) -> dict[str, float]:
+        tok, size = self.tokenizer, self.cfg.batch_size
+        room = max(self.cfg.max_length - self.cfg.max_new_tokens, 8)
+        outputs: list[str] = []
+        for i in range(0, len(examples), size):
+            prompts = [_Row(tuple(self._prompt_ids(e.text, room)), None, None)
+                       for e in examples[i:i + size]]
+            batch = _collate(prompts, tok.pad_token_id, left=True)  # left: new tokens line up
+            ids = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens,
+                                      do_sample=False, pad_token_id=tok.pad_token_id,
+                                      eos_token_id=tok.eos_token_id)
+            new = ids[:, batch["input_ids"].shape[1]:]
+            outputs += [t.strip().split("\n")[0].strip()
+                        for t in tok.batch_decode(new, skip_special_tokens=True)]
+        targets = [e.target or "" for e in examples]
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+        rouge = [scorer.score(t, o)["rougeL"].fmeasure for t, o in zip(targets, outputs,
+                                                                        strict=True)]
+        return {"rougeL": float(np.mean(rouge)),
+                "chrf": float(sacrebleu.corpus_chrf(outputs, [targets]).score),
+                "bleu": float(sacrebleu.corpus_bleu(outputs, [targets]).score)}
