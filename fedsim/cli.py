@@ -1,4 +1,4 @@
-"""``fedsim run | validate | models``: the command line.
+"""``fedsim run | sweep | validate | plot | models``: the command line.
 
 Bad input of any kind exits 2 with one clear message and no traceback; a bug still shows its
 traceback (exit 1), because hiding it would hide the bug.
@@ -28,6 +28,27 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a scenario; exit 0 if valid, 2 if not")
     val.add_argument("scenario")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sw = sub.add_parser("sweep", help="run a grid of overrides x seeds, one run directory each",
+                        description="Run every point of a grid of overrides times seeds; "
+                        "resumable (rerun the same command). Exit 0 if every point ran, 1 if "
+                        "some failed, 2 for bad input.")
+    sw.add_argument("scenario", help="scenario YAML file")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="sweep a key over values (cartesian product with other --grid flags; "
+                    "values as for --set, commas inside [..] kept); repeatable")
+    sw.add_argument("--zip", dest="zip_", action="append", default=[], metavar="KEY=V1,V2",
+                    help="keys that vary together (all --zip keys need the same number of "
+                    "values); repeatable")
+    sw.add_argument("--seeds", type=int, help="run seeds 0..N-1 at each point "
+                    "(default: the scenario's seed)")
+    sw.add_argument("--workers", type=int, default=1,
+                    help="points run in parallel processes (default 1: in this process)")
+    sw.add_argument("--out", help="sweep directory (default: sweeps/<name>)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar or table")
+
+    pl = sub.add_parser("plot", help="write PNG figures of a run or sweep directory")
+    pl.add_argument("dir", help="a run directory (summary.json) or sweep directory (sweep.csv)")
 
     sub.add_parser("models", help="list the model registry and which models are installed")
     return p
@@ -99,6 +120,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsim.scenario import load
+    from fedsim.sweep import SWEEP_CSV, format_table, parse_assignments, run_sweep
+
+    grid = parse_assignments(args.grid, "--grid")
+    zip_ = parse_assignments(args.zip_, "--zip")
+    if not grid and not zip_ and args.seeds is None:
+        raise FedsimError("nothing to sweep: give --grid, --zip or --seeds")
+    out = Path(args.out) if args.out else Path("sweeps") / load(args.scenario).name
+    try:
+        rows = run_sweep(args.scenario, grid, zip_, args.seeds, args.workers, out,
+                         progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"fedsim: interrupted; finished points are in {out / SWEEP_CSV}; rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(format_table(rows, [*grid, *zip_]))
+        print(f"results in       {out}/ ({SWEEP_CSV}, one run directory per point)")
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed and args.quiet:
+        for r in failed:
+            print(f"fedsim: point {r['run']} failed: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fedsim.plots import plot_dir
+
+    for path in plot_dir(args.dir):
+        print(path)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from fedsim.models import list_models
 
@@ -124,7 +179,8 @@ def _cell(v: object) -> str:
     return str(v)
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "models": cmd_models}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate,
+            "plot": cmd_plot, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

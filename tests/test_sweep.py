@@ -1,0 +1,227 @@
+"""Sweeps: grid x zip x seeds expansion, one run directory per point, resume, failures, workers."""
+
+import csv
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import fedsim.sweep as sweep_mod
+from fedsim.errors import FedsimError
+from fedsim.sweep import (
+    MAX_NAME_CHARS,
+    expand_points,
+    flatten_summary,
+    parse_assignments,
+    point_name,
+    run_sweep,
+)
+
+SCENARIO = """\
+name: tiny-sweep
+seed: 5
+rounds: 2
+workload: {name: synthetic, update_bytes: 50000, download_bytes: 50000, flops_per_step: 1.0e9}
+clients:
+  - {profile: mobile, count: 4}
+  - {profile: laptop, count: 3}
+network:
+  channel: {name: pathloss}
+"""
+BW = "network.cells.0.uplink_bandwidth_hz"
+GRID = {BW: ["5e6", "2e7"], "clients.0.count": [4, 8]}
+
+
+@pytest.fixture
+def scenario(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(SCENARIO)
+    return p
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count the points actually run (workers=1 runs them in this process)."""
+    ran = []
+    real = sweep_mod.run_point
+
+    def run_point(path, overrides, run_dir):
+        ran.append(run_dir.rsplit("/", 1)[-1])
+        return real(path, overrides, run_dir)
+
+    monkeypatch.setattr(sweep_mod, "run_point", run_point)
+    return ran
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def strip_wall(rows):
+    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
+
+
+def fedsim(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fedsim", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+# --- expansion --------------------------------------------------------------------------------
+
+
+def test_expand_grid_times_seeds_in_a_fixed_order():
+    pts = expand_points(GRID, seeds=2)
+    assert len(pts) == 8
+    assert [p.overrides for p in pts[:3]] == [
+        [f"{BW}=5e6", "clients.0.count=4", "seed=0"],
+        [f"{BW}=5e6", "clients.0.count=4", "seed=1"],
+        [f"{BW}=5e6", "clients.0.count=8", "seed=0"]]
+    assert pts[0].name == f"{BW}=5e6__clients.0.count=4__seed=0"
+    assert len({p.name for p in pts}) == 8
+
+
+def test_expand_zip_varies_together_and_keeps_the_scenario_seed():
+    pts = expand_points({"server.workers": [1, 2]},
+                        {BW: ["5e6", "2e7", "4e7"],
+                         "network.cells.0.sharing": ["ofdma", "tdma", "ofdma"]}, base_seed=7)
+    assert len(pts) == 6
+    assert dict(pts[1].values) == {"server.workers": "1", BW: "2e7",
+                                   "network.cells.0.sharing": "tdma", "seed": "7"}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"grid": {"a": [1]}, "zip_": {"b": [1, 2], "c": [1]}}, "same number of values"),
+    ({"grid": {"seed": [1, 2]}, "seeds": 2}, "give one of them"),
+    ({"grid": {"a": [1, 1]}}, "value given twice"),
+    ({"grid": {}, "zip_": {"a": [1, 1], "b": [2, 2]}}, "combination of values given twice"),
+    ({"grid": {"a": []}}, "no values"),
+    ({"grid": {"a": [1]}, "zip_": {"a": [2]}}, "in both --grid and --zip"),
+    ({"grid": {"a": [1]}, "seeds": 0}, "--seeds must be >= 1"),
+])
+def test_expand_rejects_bad_sweeps(kwargs, message):
+    with pytest.raises(FedsimError, match=message):
+        expand_points(**kwargs)
+
+
+def test_point_names_are_safe_and_bounded():
+    assert point_name([("a.b", "1e6"), ("seed", "0")]) == "a.b=1e6__seed=0"
+    odd = point_name([("training.lora.target_roles", "[q, v]")])
+    assert "/" not in odd and " " not in odd and "[" not in odd
+    assert odd != point_name([("training.lora.target_roles", "[q,_v]")])  # hash tells them apart
+    long = point_name([(f"k{i}.{'x' * 20}", str(i)) for i in range(20)])
+    assert len(long) <= MAX_NAME_CHARS
+
+
+def test_parse_assignments_keeps_brackets_together():
+    assert parse_assignments(["a.b=1,2", "c=[1,2],[3]"], "--grid") == {
+        "a.b": ["1", "2"], "c": ["[1,2]", "[3]"]}
+    for bad in (["nokey"], ["=1,2"], ["a=1,,2"], ["a=1", "a=2"]):
+        with pytest.raises(FedsimError):
+            parse_assignments(bad, "--grid")
+
+
+def test_flatten_summary_dotted_numeric_and_final_quality():
+    flat = flatten_summary({"scenario": "x", "seed": 1, "sim_time_s": 3.0,
+                            "latency_s": {"round": {"p95": 2.0, "count": 3}},
+                            "utilization": {"compute": {"mobile": 0.5}},
+                            "quality": {"metric": "accuracy", "server_by_round": [0.1, None, 0.3],
+                                        "clients_final": {"0": {"accuracy": 1.0}}}})
+    assert flat == {"sim_time_s": 3.0, "latency_s.round.p95": 2.0, "latency_s.round.count": 3,
+                    "utilization.compute.mobile": 0.5, "quality.final": 0.3}
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def test_grid_runs_every_point_then_resumes(scenario, tmp_path, counted):
+    out = tmp_path / "sweep"
+    rows = run_sweep(scenario, GRID, seeds=2, out=out, progress=False)
+    assert len(counted) == 8
+    run_dirs = sorted(p for p in out.iterdir() if (p / "summary.json").is_file())
+    assert len(run_dirs) == 8
+    table = read_csv(out / "sweep.csv")
+    assert len(table) == 8 and all(r["status"] == "ok" for r in table)
+    for col in (BW, "clients.0.count", "seed", "run", "error", "latency_s.round.p95",
+                "overload.deadline_misses", "utilization.uplink", "comm.bytes_up"):
+        assert col in table[0]
+    assert {(r[BW], r["clients.0.count"], r["seed"]) for r in table} == {
+        (b, c, s) for b in ("5e6", "2e7") for c in ("4", "8") for s in ("0", "1")}
+    assert [r["run"] for r in rows] == [r["run"] for r in table]
+    assert float(table[0]["comm.bytes_up"]) > 0
+    mtimes = {p.name: (p / "summary.json").stat().st_mtime_ns for p in run_dirs}
+
+    # Rerunning skips every finished point and rebuilds the same rows.
+    counted.clear()
+    again = run_sweep(scenario, GRID, seeds=2, out=out, progress=False)
+    assert counted == []
+    assert again == rows
+    assert {p.name: (p / "summary.json").stat().st_mtime_ns for p in run_dirs} == mtimes
+
+    # A deleted run directory, and an interrupted write (a temp sibling only), rerun alone.
+    victim = run_dirs[3].name
+    shutil.rmtree(run_dirs[3])
+    leftover = out / f".{victim}.tmp-abc123"
+    (leftover / "plots").mkdir(parents=True)
+    run_sweep(scenario, GRID, seeds=2, out=out, progress=False)
+    assert counted == [victim]
+    assert not leftover.exists()
+    rerun = read_csv(out / "sweep.csv")
+    assert [r["run"] for r in rerun] == [r["run"] for r in table]
+    assert strip_wall(rerun) == strip_wall(table)  # the rerun point reproduces its numbers
+
+
+def test_changed_scenario_reruns_its_points(scenario, tmp_path, counted):
+    out = tmp_path / "sweep"
+    run_sweep(scenario, {BW: ["5e6", "2e7"]}, out=out, progress=False)
+    scenario.write_text(SCENARIO.replace("rounds: 2", "rounds: 1"))
+    counted.clear()
+    rows = run_sweep(scenario, {BW: ["5e6", "2e7"]}, out=out, progress=False)
+    assert len(counted) == 2
+    assert all(r["rounds_completed"] == 1 for r in rows)
+
+
+def test_invalid_value_is_a_failed_point_the_others_complete(scenario, tmp_path):
+    out = tmp_path / "sweep"
+    r = fedsim("sweep", scenario, "--grid", f"{BW}=-1,2e7", "--seeds", "2", "--out", out)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    assert "2 of 4 points ok, 2 failed" in r.stdout
+    assert f"{BW}: Input should be greater than 0" in r.stdout
+    table = read_csv(out / "sweep.csv")
+    assert [(t[BW], t["status"]) for t in table] == [
+        ("-1", "failed"), ("-1", "failed"), ("2e7", "ok"), ("2e7", "ok")]
+    assert "greater than 0" in table[0]["error"] and table[2]["error"] == ""
+    assert table[0]["latency_s.round.p95"] == "" and float(table[2]["latency_s.round.p95"]) > 0
+    notes = sorted(p.name for p in (out / "failed").iterdir())
+    assert notes == [f"{BW}=-1__seed=0.txt", f"{BW}=-1__seed=1.txt"]
+    assert not (out / f"{BW}=-1__seed=0").exists()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--grid", "clients.0.wings=1,2"], "clients.0.wings: no such key"),
+    (["--grid", "clients.5.count=1,2"], "index 5 out of range"),
+    (["--zip", f"{BW}=1e6,2e6", "--zip", "seed=1,2,3"], "same number of values"),
+    (["--grid", "clients.0.count"], "expected key=v1,v2"),
+    ([], "nothing to sweep"),
+])
+def test_bad_sweep_input_exits_2_before_running(scenario, tmp_path, args, expected):
+    out = tmp_path / "sweep"
+    r = fedsim("sweep", scenario, *args, "--out", out)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert expected in r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    assert not out.exists()
+
+
+def test_results_do_not_depend_on_the_worker_count(scenario, tmp_path):
+    one = run_sweep(scenario, GRID, seeds=2, workers=1, out=tmp_path / "w1", progress=False)
+    two = run_sweep(scenario, GRID, seeds=2, workers=2, out=tmp_path / "w2", progress=False)
+
+    assert strip_wall(one) == strip_wall(two)
+    assert all(r["status"] == "ok" for r in two)
+    csv1, csv2 = read_csv(tmp_path / "w1" / "sweep.csv"), read_csv(tmp_path / "w2" / "sweep.csv")
+    assert strip_wall(csv1) == strip_wall(csv2)
+    ev = f"{BW}=5e6__clients.0.count=8__seed=1/events.csv"
+    assert (tmp_path / "w1" / ev).read_text() == (tmp_path / "w2" / ev).read_text()
