@@ -194,6 +194,9 @@ class TrainingConfig(Config):
     local_steps: int = Field(default=10, ge=1)
     batch_size: int = Field(default=16, ge=1)
     max_length: int = Field(default=64, ge=8, le=8192)
+    # Loss over the job's examples before/after training (two extra forward passes, outside
+    # the modelled FLOPs); off: first and last step losses stand in.
+    quality_eval: bool = False
 
 
 class CompressionConfig(Config):

@@ -20,6 +20,7 @@ costliest part of a small LM with a 50k-260k vocabulary, are computed for the ta
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -176,6 +177,9 @@ class LocalTrainingConfig:
     batch_size: int = 16
     max_length: int = 64  # tokens per sequence, prompt + target for generation
     max_new_tokens: int = 16  # greedy decoding length for generation metrics
+    # Measure the loss over the job's examples before and after training (two extra forward
+    # passes, a measurement outside the modelled FLOPs). Off: the first and last step losses.
+    quality_eval: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_roles", tuple(self.target_roles))
@@ -459,7 +463,7 @@ class FamilyTrainer:
         used = [examples[i] for i in sorted({i for b in plan.batches for i in b})]
         optimizer = torch.optim.AdamW(list(self._params.values()), lr=self.cfg.lr,
                                       weight_decay=self.cfg.weight_decay)
-        loss_before = self._mean_loss(used)
+        loss_before = self._mean_loss(used) if self.cfg.quality_eval else math.nan
         losses = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -473,7 +477,10 @@ class FamilyTrainer:
                     losses.append(loss.item())
             finally:
                 self.model.eval()
-        loss_after = self._mean_loss(used)
+        if self.cfg.quality_eval:
+            loss_after = self._mean_loss(used)
+        else:
+            loss_before, loss_after = losses[0], losses[-1]
         delta = {k: (p.detach().float() - adapter[k].float()).cpu()
                  for k, p in self._params.items()}
         delta_norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())))

@@ -324,3 +324,16 @@ def test_trainer_rejects_bad_task_and_missing_labels():
         FamilyTrainer("tiny-bert", "regression", None, LocalTrainingConfig(), seed=0)
     with pytest.raises(FedsimError, match="num_labels"):
         FamilyTrainer("tiny-bert", "classification", None, LocalTrainingConfig(), seed=0)
+
+
+def test_quality_eval_measures_loss_over_the_job_examples():
+    """quality_eval=True: loss before/after over the job's examples in eval mode; off: the
+    first and last step losses stand in (no extra forward passes)."""
+    examples = load_dataset("bbc-news", "classification").train[:16]
+    on = bert_cls(quality_eval=True, local_steps=6)
+    off = bert_cls(local_steps=6)
+    r_on = on.train(on.initial_adapter(), examples, on.plan(examples, seed=1), seed=1)
+    r_off = off.train(off.initial_adapter(), examples, off.plan(examples, seed=1), seed=1)
+    assert r_off.loss_before == r_off.losses[0] and r_off.loss_after == r_off.losses[-1]
+    assert r_on.loss_after < r_on.loss_before
+    assert r_on.losses == r_off.losses  # measuring does not change the training itself
