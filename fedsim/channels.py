@@ -34,7 +34,7 @@ import simpy
 from fedsim.devices import Fleet
 from fedsim.errors import FedsimError
 from fedsim.registry import Registry
-from fedsim.rng import hashed_exponential
+from fedsim.rng import hashed_exponential, hashed_uniform_one
 from fedsim.scenario import CellConfig, ChannelConfig
 
 THERMAL_NOISE_DBM_PER_HZ = -174.0  # kT at 290 K
@@ -94,11 +94,19 @@ class Channel(ABC):
         """Next time after ``t`` at which rates change by themselves (fading, trace step)."""
         return math.inf
 
+    def flow_state_one(self, direction: str, client: int, t: float) -> float:
+        """:meth:`flow_state` of one client (subclasses skip numpy for a single flow)."""
+        return float(self.flow_state(direction, np.array([client]), t)[0])
+
+    def rate_among(self, cell: int, direction: str, state: float, k: int) -> float:
+        """The rate of a flow of channel ``state`` among ``k`` active flows in ``cell``."""
+        return float(self.shared_rates(cell, direction, np.full(k, state))[-1])
+
     def estimate_rate_bps(self, client: int, direction: str, t: float, active: int) -> float:
         """The rate ``client`` would get now if it joined ``active`` other flows in its cell."""
         cell = int(self.fleet.cell[client])
-        others = np.full(active, client, dtype=np.int64)  # same channel, load of ``active``
-        return float(self.rates_bps(cell, direction, np.append(others, client), t)[-1])
+        return self.rate_among(cell, direction, self.flow_state_one(direction, client, t),
+                               active + 1)
 
 
 @CHANNELS.register("static")
@@ -109,9 +117,17 @@ class StaticChannel(Channel):
         return np.ones(len(clients))
 
     def shared_rates(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
+        return state * (self._total(cell, direction) / max(len(state), 1))
+
+    def flow_state_one(self, direction: str, client: int, t: float) -> float:
+        return 1.0
+
+    def rate_among(self, cell: int, direction: str, state: float, k: int) -> float:
+        return state * self._total(cell, direction) / max(k, 1)
+
+    def _total(self, cell: int, direction: str) -> float:
         c = self.cells[cell]
-        total = c.uplink_rate_bps if direction == UPLINK else c.downlink_rate_bps
-        return state * (total / max(len(state), 1))
+        return c.uplink_rate_bps if direction == UPLINK else c.downlink_rate_bps
 
 
 @CHANNELS.register("pathloss")
@@ -152,6 +168,21 @@ class PathlossChannel(Channel):
             return snr
         stream = 0 if direction == UPLINK else 1
         return snr * rayleigh_power_gain(self._fading_key, clients, self._block(t), stream)
+
+    def flow_state_one(self, direction: str, client: int, t: float) -> float:
+        snr = float(self._snr_lin[direction][client])
+        if not self.cfg.fading:
+            return snr
+        stream = 0 if direction == UPLINK else 1
+        u = hashed_uniform_one(self._fading_key, client, self._block(t) * 2 + stream)
+        return snr * -math.log(u)  # the same Exp(1) draw as rayleigh_power_gain
+
+    def rate_among(self, cell: int, direction: str, state: float, k: int) -> float:
+        c = self.cells[cell]
+        k = max(k, 1)
+        bw = c.uplink_bandwidth_hz if direction == UPLINK else c.downlink_bandwidth_hz
+        snr = state * k if c.sharing == "ofdma" and direction == UPLINK else state
+        return 0.0 if snr < self._outage_lin else (bw / k) * math.log2(1.0 + snr)
 
     def shared_rates(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
         c = self.cells[cell]
@@ -294,7 +325,7 @@ class SharedLink:
             self._ids = np.concatenate([self._ids, np.empty_like(self._ids)])
             self._cols = np.concatenate([self._cols, np.empty_like(self._cols)], axis=1)
         self._ids[k] = client
-        state = self.channel.flow_state(self.direction, self._ids[k : k + 1], now)[0]
+        state = self.channel.flow_state_one(self.direction, client, now)
         self._cols[:, k] = (8.0 * nbytes, 0.0, state)
         self._k = k + 1
         self.events[client] = (done, 8.0 * nbytes)

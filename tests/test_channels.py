@@ -267,3 +267,17 @@ def test_scalar_and_vector_hash_agree():
     for b in (0, 5, 2**61 + 3):
         vec = hashed_uniform(99, ids, b)
         assert [hashed_uniform_one(99, int(a), b) for a in ids] == list(vec)
+
+
+@pytest.mark.parametrize("name", ["static", "pathloss"])
+def test_scalar_paths_match_vectorized(scenario_factory, name):
+    sc = scenario_factory(clients=[{"profile": "mobile", "count": 6}],
+                          network__channel={"name": name, "coherence_time_s": 0.01})
+    _, _, ch = _world(sc)
+    ids = np.arange(6)
+    for t in (0.0, 0.013, 1.7):
+        vec = ch.flow_state(UPLINK, ids, t)
+        assert [ch.flow_state_one(UPLINK, int(c), t) for c in ids] == pytest.approx(vec, rel=1e-12)
+        for k in (1, 3, 6):
+            rates = ch.shared_rates(0, UPLINK, np.full(k, vec[0]))
+            assert ch.rate_among(0, UPLINK, float(vec[0]), k) == pytest.approx(rates[-1], rel=1e-12)
