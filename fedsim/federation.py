@@ -37,7 +37,8 @@ def local_config(scenario: Scenario) -> LocalTrainingConfig:
     return LocalTrainingConfig(
         lora_r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
         target_roles=tuple(t.lora.target_roles), lr=t.lr, weight_decay=t.weight_decay,
-        local_steps=t.local_steps, batch_size=t.batch_size, max_length=t.max_length,
+        local_steps=t.local_steps, local_epochs=t.local_epochs, batch_size=t.batch_size,
+        max_length=t.max_length,
         quality_eval=t.quality_eval)
 
 

@@ -192,6 +192,7 @@ class TrainingConfig(Config):
     lr: PositiveFloat = 5e-4
     weight_decay: NonNegFloat = 0.0
     local_steps: int = Field(default=10, ge=1)
+    local_epochs: int | None = Field(default=None, ge=1)  # set: passes over local data instead
     batch_size: int = Field(default=16, ge=1)
     max_length: int = Field(default=64, ge=8, le=8192)
     # Loss over the job's examples before/after training (two extra forward passes, outside

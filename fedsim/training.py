@@ -174,6 +174,7 @@ class LocalTrainingConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     local_steps: int = 10
+    local_epochs: int | None = None  # set: that many passes over the client's data instead
     batch_size: int = 16
     max_length: int = 64  # tokens per sequence, prompt + target for generation
     max_new_tokens: int = 16  # greedy decoding length for generation metrics
@@ -191,6 +192,8 @@ class LocalTrainingConfig:
                 raise FedsimError(f"{key} must be > 0, got {value}")
         if not 0 <= self.lora_dropout < 1:
             raise FedsimError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.local_epochs is not None and self.local_epochs < 1:
+            raise FedsimError(f"local_epochs must be >= 1, got {self.local_epochs}")
         if self.weight_decay < 0:
             raise FedsimError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_length < 8:
@@ -380,7 +383,8 @@ class FamilyTrainer:
     # -- planning ---------------------------------------------------------------------------
 
     def plan(self, examples: Sequence[Example], seed: int) -> TrainPlan:
-        """Batches for ``local_steps`` steps drawn from ``seed``, and their cost.
+        """Batches for ``local_steps`` steps (or ``local_epochs`` passes) drawn from ``seed``,
+        and their cost.
 
         Each epoch is a fresh permutation cut into full batches (the remainder is dropped, so a
         batch never repeats an example); a client with fewer examples than ``batch_size`` uses
@@ -389,6 +393,8 @@ class FamilyTrainer:
         n, size, steps = len(examples), self.cfg.batch_size, self.cfg.local_steps
         if n == 0:
             raise FedsimError("a client needs at least one example to train")
+        if self.cfg.local_epochs is not None:  # full batches per pass, at least one step each
+            steps = self.cfg.local_epochs * max(n // size, 1)
         rng = np.random.default_rng(seed)
         batches: list[tuple[int, ...]] = []
         while len(batches) < steps:

@@ -337,3 +337,13 @@ def test_quality_eval_measures_loss_over_the_job_examples():
     assert r_off.loss_before == r_off.losses[0] and r_off.loss_after == r_off.losses[-1]
     assert r_on.loss_after < r_on.loss_before
     assert r_on.losses == r_off.losses  # measuring does not change the training itself
+
+
+def test_local_epochs_plan_full_passes():
+    examples = load_dataset("bbc-news", "classification").train[:40]
+    t = bert_cls(batch_size=8, local_epochs=2)
+    plan = t.plan(examples, seed=0)
+    assert len(plan.batches) == 2 * (40 // 8)
+    first, second = plan.batches[:5], plan.batches[5:]
+    assert sorted(i for b in first for i in b) == list(range(40))  # each pass sees every example
+    assert sorted(i for b in second for i in b) == list(range(40))
