@@ -7,6 +7,7 @@ traceback (exit 1), because hiding it would hide the bug.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         rows = run_sweep(args.scenario, grid, zip_, args.seeds, args.workers, out,
                          progress=not args.quiet)
+    except BrokenPipeError:  # `fedsim ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"fedsim: interrupted; finished points are in {out / SWEEP_CSV}; rerun the same "
               "command to resume", file=sys.stderr)
