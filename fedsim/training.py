@@ -99,10 +99,20 @@ def lora_step_flops(non_embedding_params: int, tokens: int) -> float:
 
     The frozen weights get no weight gradients (the 2N that makes a full fine-tune 6N); LoRA's
     own matrices are r/h of a layer's and neglected. N excludes embedding tables, and so a tied
-    LM head (``models.non_embedding_parameters``): a causal LM's output layer, 2·V·h FLOPs per
-    token forward, is not counted.
+    LM head (``models.non_embedding_parameters``): a causal LM's output layer is counted apart,
+    by :func:`lm_head_flops`, on the positions whose logits are really computed.
     """
     return 4.0 * non_embedding_params * tokens
+
+
+def lm_head_flops(vocab_size: int, hidden: int, positions: int) -> float:
+    """FLOPs of a causal LM's output layer on ``positions`` logit positions: forward 2·V·h and
+    the gradient to its input 2·V·h each (the tied weight is frozen: no weight gradient).
+
+    It matters for small LMs with large vocabularies: gemma3-270m's V·h = 168M against
+    N = 100M non-embedding parameters.
+    """
+    return 4.0 * vocab_size * hidden * positions
 
 
 def full_finetune_flops(non_embedding_params: int, tokens: int) -> float:
@@ -407,8 +417,14 @@ class FamilyTrainer:
         rows = len(self._encode(examples[0]))  # sequences per example: 1, or one per choice
         tokens = sum(len(b) * rows * length for b, length in zip(batches, lengths, strict=True))
         used = [[examples[i] for i in b] for b in batches]
-        return TrainPlan(tuple(batches), tokens, lora_step_flops(self.non_embedding_params, tokens),
-                         self._peak_memory(used), len({i for b in batches for i in b}), lengths)
+        flops = lora_step_flops(self.non_embedding_params, tokens)
+        if self.generative:  # the output layer runs on each batch's logit positions only
+            config = self.model.config
+            positions = sum(len(b) * _logit_positions([r for e in b for r in self._encode(e)])
+                            for b in used)
+            flops += lm_head_flops(config.vocab_size, config.hidden_size, positions)
+        return TrainPlan(tuple(batches), tokens, flops, self._peak_memory(used),
+                         len({i for b in batches for i in b}), lengths)
 
     def _peak_memory(self, batches: Sequence[Sequence[Example]]) -> int:
         """``peak_memory_bytes`` at the largest batch and longest padded sequence of a plan."""

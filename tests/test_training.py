@@ -347,3 +347,18 @@ def test_local_epochs_plan_full_passes():
     first, second = plan.batches[:5], plan.batches[5:]
     assert sorted(i for b in first for i in b) == list(range(40))  # each pass sees every example
     assert sorted(i for b in second for i in b) == list(range(40))
+
+
+def test_generation_flops_count_the_output_layer_on_logit_positions():
+    from fedsim.training import _logit_positions, lm_head_flops
+
+    t = trainer("tiny-llama", "generation", None, "freedict-en-de",
+                target_roles=ALL_ROLES["llama"])
+    examples = load_dataset("freedict-en-de", "generation").train[:4]
+    plan = t.plan(examples, seed=0)
+    cfg = t.model.config
+    positions = sum(len(b) * _logit_positions([t._encode(examples[i])[0] for i in b])
+                    for b in plan.batches)
+    want = 4 * t.non_embedding_params * plan.tokens + 4 * cfg.vocab_size * cfg.hidden_size * positions
+    assert plan.flops == pytest.approx(want, rel=1e-12)
+    assert lm_head_flops(10, 4, 3) == 4 * 10 * 4 * 3
