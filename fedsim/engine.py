@@ -534,6 +534,8 @@ class AsyncBuffered(RoundPolicy):
                     arrival = p.value
                     arrival.staleness = version - tk.round
                     arrival.weight = (1.0 + arrival.staleness) ** -cfg.staleness_exponent
+                    sim.rec.emit(env.now, version, tk.client, "buffered", 0,
+                                 f"staleness={arrival.staleness} weight={arrival.weight:.6g}")
                     buffer.append(arrival)
                     stats["arrived"] += 1
             while len(buffer) >= cfg.buffer_size and version < sim.scenario.rounds:

@@ -176,6 +176,8 @@ def test_async_aggregates_every_m_with_staleness(scenario_factory):
     assert stale, "slow clients started in an older version must arrive stale"
     for a in stale:
         assert a.weight == pytest.approx(1 / (1 + a.staleness))
+    buffered = sim.rec.counts["buffered"]
+    assert buffered >= 8  # every arrival records its staleness and weight
 
 
 def test_oom_fails_the_job(scenario_factory):
