@@ -1,0 +1,269 @@
+"""The server model: a larger model into which the client families' task vectors are merged.
+
+Each client family trains LoRA on its own small model. The server holds one large model and,
+per family, a projector fitted between that family's model and it (``fedsim.projection``). A
+client's round update becomes a task vector in LoRA factor form, is projected into the large
+model's modules (still low rank), and at the round's close the aggregation rule combines the
+projected updates, ``W ← W + η·Σ αᵢ·τᵢ / Σ αᵢ`` for task arithmetic, merged into the weights.
+
+Why merged, not kept as adapters: there is one model to evaluate and serve, whatever the number
+of families; families train different roles at different ranks, and stacking their adapters
+would grow the server's rank (and inference cost) every round.
+
+The large model is held by a :class:`~fedsim.training.FamilyTrainer` (a minimal rank-1 LoRA
+with B = 0, so it computes exactly the base model) so that the server is evaluated with exactly
+the clients' evaluation: same tokenization, same metrics, for every task type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fedsim.aggregators import Aggregator, ClientResult, Delta
+from fedsim.data import Example
+from fedsim.errors import FedsimError
+from fedsim.models import model_source
+from fedsim.projection import (
+    HEAD,
+    LORA_A,
+    LORA_B,
+    ModelLike,
+    Projector,
+    dense_projection_flops,
+    head_inputs,
+    head_name,
+    make_projector,
+    named_modules,
+    projection_flops,
+    task_vector,
+)
+from fedsim.training import ROLE_MODULES, FamilyTrainer, LocalTrainingConfig
+
+
+def _param_key(name: str) -> str | None:
+    """A parameter's key in the server's weight space (``...attn.q.weight``,
+    ``classifier.out_proj.weight``), or None for peft's own parameters and copies."""
+    if ".lora_" in name or "original_module" in name:
+        return None
+    name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    return name.replace("modules_to_save.default.", "")
+
+
+def fit_logistic_regression(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                            l2: float = 1e-3, max_iter: int = 200, bias: bool = True
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Multinomial logistic regression, W (classes × d) and b, by L-BFGS in float64.
+
+    Features are standardized for the fit (``l2`` applies to the standardized weights) and the
+    result is folded back onto raw features; without ``bias`` they are only scaled.
+    Deterministic: full batch, a fixed iteration budget.
+    """
+    x = features.to(torch.float64)
+    mean = x.mean(0) if bias else torch.zeros(x.shape[1], dtype=torch.float64)
+    scale = (x - mean).pow(2).mean(0).sqrt().clamp_min(1e-8)
+    z, y = (x - mean) / scale, labels.to(torch.long)
+    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=bias)
+    params = [w, b] if bias else [w]
+    with torch.enable_grad():
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
+                                tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(z @ w.T + b, y) + l2 * w.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    w_raw = (w.detach() / scale).float()
+    return w_raw, ((b.detach() - w_raw.double() @ mean).float() if bias else None)
+
+
+@dataclass
+class ServerFamily:
+    """A client family as the server sees it: its projector and LoRA scale (lora_alpha / r)."""
+
+    model: str
+    projector: Projector
+    lora_scale: float
+
+
+class ServerModel:
+    """The large server model, one projector per client family, and the merged updates.
+
+    ``model``, ``tokenizer`` and ``spec`` make it a model a projector can be fitted against.
+    ``probe_examples`` (labelled, server-side; classification only): the head's final linear
+    layer is fitted on the frozen model's features as a linear probe, so the "no update"
+    baseline is a sensible classifier rather than a random head.
+    """
+
+    def __init__(self, model_name: str, task: str = "classification",
+                 num_labels: int | None = None, seed: int = 0, *, projector: str = "lstsq",
+                 projector_options: Mapping[str, Any] | None = None,
+                 probe_examples: Sequence[Example] = (), max_length: int = 64,
+                 batch_size: int = 16, dataset: str | None = None) -> None:
+        arch = model_source(model_name).spec.architecture
+        if arch not in ROLE_MODULES:
+            raise FedsimError(f"server model {model_name!r}: no module role map for {arch!r}")
+        # A rank-1 LoRA with B = 0 on one role: the trainer's machinery, the base model's outputs.
+        cfg = LocalTrainingConfig(lora_r=1, lora_alpha=1, target_roles=(next(iter(
+            ROLE_MODULES[arch])),), max_length=max_length, batch_size=batch_size)
+        self.trainer = FamilyTrainer(model_name, task, num_labels, cfg, seed, dataset)
+        self.model, self.tokenizer, self.spec = (self.trainer.model, self.trainer.tokenizer,
+                                                 self.trainer.spec)
+        self.seed, self.max_length, self.batch_size = seed, max_length, batch_size
+        self.projector_name, self.projector_options = projector, dict(projector_options or {})
+        self.families: dict[str, ServerFamily] = {}
+        self._weights: dict[str, torch.nn.Parameter] = {}
+        for name, param in self.model.named_parameters():
+            key = _param_key(name)
+            if key is not None:
+                self._weights[key] = param
+        self.head = head_name(named_modules(self.model))
+        if probe_examples:
+            self.fit_linear_probe(probe_examples)
+        self.adapter = self.trainer.current_adapter()  # the head as evaluation applies it
+
+    # -- state --------------------------------------------------------------------------------
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The server's weights by key (detached views, not copies)."""
+        return {k: p.detach() for k, p in self._weights.items()}
+
+    def fit_linear_probe(self, examples: Sequence[Example], l2: float = 1e-3) -> None:
+        """Fit the head's final linear layer on the frozen features of labelled ``examples``."""
+        if self.trainer.task != "classification" or self.head is None:
+            raise FedsimError("a linear probe needs a classification task and head")
+        features = head_inputs(self, [e.text for e in examples], self.max_length,
+                               self.batch_size)
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+        bias_key = self.head + ".bias"
+        w, b = fit_logistic_regression(features, labels, self.trainer.num_classes or 0, l2=l2,
+                                       bias=bias_key in self._weights)
+        with torch.no_grad():
+            self._weights[self.head + ".weight"].copy_(w)
+            if b is not None:
+                self._weights[bias_key].copy_(b)
+        self.adapter = self.trainer.current_adapter()
+
+    # -- families and projection ----------------------------------------------------------------
+
+    def add_family(self, model_name: str, small: ModelLike, *, roles: Sequence[str],
+                   lora_scale: float, probe_texts: Sequence[str]) -> Projector:
+        """Fit a projector from family ``model_name``'s model ``small`` (a FamilyTrainer or a
+        LoadedModel) to the server's, for its LoRA ``roles`` plus the head when both have one."""
+        has_head = head_name(named_modules(small.model)) is not None and self.head is not None
+        roles = tuple(r for r in roles if r != HEAD) + ((HEAD,) if has_head else ())
+        projector = make_projector(self.projector_name, roles, self.seed,
+                                   **self.projector_options)
+        projector.fit(small, self, probe_texts)
+        self.families[model_name] = ServerFamily(model_name, projector, lora_scale)
+        return projector
+
+    def _family(self, model_name: str) -> ServerFamily:
+        if model_name not in self.families:
+            raise FedsimError(f"family {model_name!r} has no projector: call add_family first")
+        return self.families[model_name]
+
+    def project(self, family_model_name: str, start_adapter: Mapping[str, torch.Tensor],
+                delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A client's round task vector in the server's weight space.
+
+        Keys: ``<large module>.lora_B.weight`` (out_L × rank) and ``.lora_A.weight`` (rank ×
+        in_L) per targeted module, whose product is the module's weight update (small layers
+        that map to one large layer are concatenated along the rank: their sum); and the head's
+        dense ``<head>.weight`` (and ``.bias`` where both heads have one). Deltas of layers
+        before a head's final linear (MPNet's ``classifier.dense``) are not projected.
+        """
+        fam = self._family(family_model_name)
+        tv = task_vector(start_adapter, delta, fam.lora_scale)
+        out: dict[str, torch.Tensor] = {}
+        for module, factors in tv.factors.items():
+            pair = fam.projector.pair_of(module)
+            b, a = fam.projector.project(pair, factors.B, factors.A)
+            kb, ka = pair.large_name + LORA_B, pair.large_name + LORA_A
+            out[kb] = torch.cat([out[kb], b], dim=1) if kb in out else b
+            out[ka] = torch.cat([out[ka], a], dim=0) if ka in out else a
+        head = fam.projector.head_pair
+        if head is not None:
+            for suffix in (".weight", ".bias"):
+                small_key, large_key = head.small_name + suffix, head.large_name + suffix
+                if small_key in tv.dense and large_key in self._weights:
+                    out[large_key] = fam.projector.project_dense(head, tv.dense[small_key])
+        return out
+
+    def flops_of_projection(self, family_model_name: str,
+                            start_adapter: Mapping[str, torch.Tensor],
+                            delta: Mapping[str, torch.Tensor]) -> float:
+        """FLOPs of :meth:`project` for this update: the P_out·B and A·Q_in products of every
+        module (rank 2r, or r while the start B is zero) and the head's P_out·D·Q_in."""
+        fam = self._family(family_model_name)
+        tv = task_vector(start_adapter, delta, fam.lora_scale)
+        flops = sum(projection_flops(fam.projector.pair_of(m), f.rank)
+                    for m, f in tv.factors.items())
+        head = fam.projector.head_pair
+        if head is not None and head.small_name + ".weight" in tv.dense:
+            flops += dense_projection_flops(head)
+        return float(flops)
+
+    # -- aggregation and evaluation -------------------------------------------------------------
+
+    def _densify(self, projected: Mapping[str, torch.Tensor]) -> tuple[Delta, float]:
+        """Projected factors as dense weight updates by weight key, and the FLOPs of B·A."""
+        dense: Delta = {}
+        flops = 0.0
+        for key, value in projected.items():
+            if key.endswith(LORA_A):
+                continue
+            if key.endswith(LORA_B):
+                module = key.removesuffix(LORA_B)
+                a = projected[module + LORA_A]
+                key, value = module + ".weight", value @ a
+                flops += 2.0 * value.numel() * a.shape[0]
+            if key not in self._weights or self._weights[key].shape != value.shape:
+                raise FedsimError(f"projected update {key!r} {tuple(value.shape)} does not fit "
+                                  "the server model")
+            dense[key] = dense[key] + value if key in dense else value
+        return dense, flops
+
+    def apply(self, results: Sequence[ClientResult], aggregator: Aggregator, round_: int = 0,
+              failures: int = 0) -> float:
+        """Merge the clients' projected updates (``ClientResult.delta`` = :meth:`project`'s
+        output; α inputs as the clients reported them) with ``aggregator`` into the weights.
+
+        Updates are made dense per weight (a client that does not touch a weight contributes
+        zero to it), the aggregator gets the current weights as its LARS reference, and its
+        result is added to the weights. Returns the FLOPs: B·A products, ~2 per element per
+        client for the combination, 1 per element for the merge. Memory: one dense copy of
+        the touched weights per client.
+        """
+        if not results:
+            return 0.0
+        dense, flops = [], 0.0
+        for r in results:
+            d, f = self._densify(r.delta)
+            dense.append(d)
+            flops += f
+        keys = sorted({k for d in dense for k in d})
+        dense = [{k: d[k] if k in d else torch.zeros_like(self._weights[k]) for k in keys}
+                 for d in dense]
+        results = [replace(r, delta=d) for r, d in zip(results, dense, strict=True)]
+        aggregator.set_reference({k: self._weights[k].detach() for k in keys})
+        step = aggregator.aggregate(round_, results, failures)
+        with torch.no_grad():
+            for key, value in step.items():
+                self._weights[key].add_(value.to(self._weights[key].dtype))
+        self.adapter = self.trainer.current_adapter()
+        numel = sum(self._weights[k].numel() for k in keys)
+        return flops + 2.0 * len(results) * numel + numel
+
+    def evaluate(self, examples: Sequence[Example], limit: int | None = None) -> dict[str, float]:
+        """The server model on ``examples[:limit]``, as the trainer evaluates clients: loss and
+        accuracy/macro_f1 (classification, multiple choice) or rougeL/chrf/bleu (generation)."""
+        return self.trainer.evaluate(self.adapter, examples, limit)
