@@ -292,6 +292,9 @@ class SharedLink:
         self._t = 0.0  # time the arrays were last advanced to
         self._wake_at = math.inf  # the pending wake-up; others that fire are stale, ignored
         self._flush_pending = False
+        # Clients that will send through this link this round and have not finished yet (the
+        # engine counts them): the rate estimate of an early finisher counts the ones to come.
+        self.contenders = 0
 
     @property
     def active(self) -> int:
@@ -344,8 +347,13 @@ class SharedLink:
         self._changed()
 
     def estimate_rate_bps(self, client: int) -> float:
-        """The rate ``client`` would get if it started a flow now."""
-        return self.channel.estimate_rate_bps(client, self.direction, self.env.now, self.active)
+        """The rate ``client`` can expect now, sharing with every flow active or still to come.
+
+        Counting only the flows active now would let the first client out of training expect
+        the whole cell and pick a payload that the later flows then slow down.
+        """
+        others = max(self.active, self.contenders - 1)
+        return self.channel.estimate_rate_bps(client, self.direction, self.env.now, others)
 
     # internals
 
@@ -421,6 +429,7 @@ class WiredLink:
     def __init__(self, env: simpy.Environment, rate_bps: np.ndarray) -> None:
         self.env, self.rate_bps = env, rate_bps
         self.bits_carried = 0.0
+        self.contenders = 0  # counted for symmetry with SharedLink; a wired link is not shared
 
     def transfer(self, client: int, nbytes: int) -> simpy.Event:
         self.bits_carried += 8.0 * nbytes

@@ -260,6 +260,8 @@ class Simulation:
         c, env, wl = tk.client, self.env, self.workload
         self._schedule_dropout(tk, env.active_process)
         self.per_client["updates_sent"][c] += 1
+        uplink = self.network.link(c, UPLINK)
+        uplink.contenders += 1
         try:
             if not (yield from self._transfer(tk, DOWNLINK, wl.download_bytes(c))):
                 return self._failed(c)
@@ -268,10 +270,8 @@ class Simulation:
                 return self._failed(c)
             plan, update = trained
             tk.phase = "encode"
-            link = self.network.link(c, UPLINK)
             time_left = None if deadline_at is None else deadline_at - env.now
-            upload = wl.encode(c, tk.round, update, link.estimate_rate_bps(c), time_left)
-            self.rec.bytes_up_raw += upload.raw_bytes
+            upload = wl.encode(c, tk.round, update, uplink.estimate_rate_bps(c), time_left)
             self.rec.emit(env.now, tk.round, c, "encode", upload.nbytes,
                           f"{upload.codec} raw={upload.raw_bytes} err={upload.rel_error:.4g}")
             if not (yield from self._transfer(tk, UPLINK, upload.nbytes)):
@@ -283,6 +283,8 @@ class Simulation:
                 tk.job.cancel()
             self.rec.emit(env.now, tk.round, c, str(stop.cause), 0, tk.phase)
             return self._failed(c)
+        finally:
+            uplink.contenders -= 1
         tk.arrived = True
         return (yield from self._ingest(tk, plan.num_samples, upload))
 
@@ -309,6 +311,7 @@ class Simulation:
             return self._failed(c)
         self.rec.emit(env.now, tk.round, c, "ingest_end", upload.nbytes)
         self.rec.bytes_up += upload.nbytes
+        self.rec.bytes_up_raw += upload.raw_bytes  # same updates as bytes_up: a fair ratio
         self.per_client["updates_accepted"][c] += 1
         return Arrival(client=c, round=tk.round, num_samples=num_samples, update=ing.update)
 
