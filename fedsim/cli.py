@@ -1,4 +1,4 @@
-"""``fedsim run | sweep | validate | plot | models``: the command line.
+"""``fedsim run | sweep | compare | validate | plot | models``: the command line.
 
 Bad input of any kind exits 2 with one clear message and no traceback; a bug still shows its
 traceback (exit 1), because hiding it would hide the bug.
@@ -47,6 +47,24 @@ def _parser() -> argparse.ArgumentParser:
                     help="points run in parallel processes (default 1: in this process)")
     sw.add_argument("--out", help="sweep directory (default: sweeps/<name>)")
     sw.add_argument("--quiet", action="store_true", help="no progress bar or table")
+
+    cmp_ = sub.add_parser(
+        "compare", help="one run, one server model per projector (x LARS): the server metric "
+        "per round of each", description="Train the clients once and merge the same updates "
+        "into one server model per variant (projector x LARS); write comparison.csv, "
+        "comparison.md, plots/comparison.png and the shared run directory run/.")
+    cmp_.add_argument("scenario", help="scenario YAML file (workload real, with a server.model)")
+    cmp_.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a scenario key (repeatable)")
+    cmp_.add_argument("--projectors", default="pad,orthogonal,lstsq",
+                      help="comma-separated projectors (default: pad,orthogonal,lstsq)")
+    cmp_.add_argument("--lars", default="both", choices=("off", "on", "both"),
+                      help="variants without LARS, with it, or both (default)")
+    cmp_.add_argument("--lars-eta", type=float, default=0.01,
+                      help="eta of the LARS variants: each tensor's step is eta*||W|| "
+                      "(default 0.01)")
+    cmp_.add_argument("--out", help="output directory (default: <output.dir>/<name>-compare)")
+    cmp_.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
     pl = sub.add_parser("plot", help="write PNG figures of a run or sweep directory")
     pl.add_argument("dir", help="a run directory (summary.json) or sweep directory (sweep.csv)")
@@ -150,6 +168,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fedsim.comparison import compare, variants, write_comparison
+    from fedsim.scenario import load
+
+    sc = load(args.scenario, args.overrides)
+    chosen = variants([p.strip() for p in args.projectors.split(",") if p.strip()], args.lars)
+    if not args.lars_eta > 0:
+        raise FedsimError(f"--lars-eta: must be > 0, got {args.lars_eta}")
+    out = Path(args.out) if args.out else Path(sc.output.dir) / f"{sc.name}-compare"
+    bar = tqdm(total=sc.rounds, unit="round", desc=f"{sc.name} x{len(chosen)} servers",
+               disable=args.quiet or None, file=sys.stderr)
+    try:
+        comp = compare(sc, chosen, args.lars_eta,
+                       progress=lambda done: bar.update(done - bar.n))
+    finally:
+        bar.close()
+    paths = write_comparison(comp, out)
+    if not args.quiet:
+        print(f"server {comp.metric} per round (start: before any update)")
+        print(comp.markdown())
+        print(f"results in       {out}/ ({', '.join(p.name for p in paths)}, run/)")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from fedsim.plots import plot_dir
 
@@ -183,7 +227,8 @@ def _cell(v: object) -> str:
     return str(v)
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate,
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "compare": cmd_compare,
+            "validate": cmd_validate,
             "plot": cmd_plot, "models": cmd_models}
 
 

@@ -3,7 +3,15 @@
 Registered as workload ``real``. Clients are grouped into *families* by model; each family
 shares one frozen base model (a :class:`~fedsim.training.FamilyTrainer`) and a global LoRA
 adapter that its clients download, fine-tune on their own partition, and upload — as a real
-encoded payload — for the server to decode and aggregate (FedAvg within a family).
+encoded payload — for the server to decode and aggregate.
+
+At ingest the server decodes the payload and projects the client's task vector into the larger
+server model (``scenario.server.model``, :class:`~fedsim.server.ServerModel`). At the round's
+close the aggregation rule (``scenario.aggregation``) combines the updates twice: per family in
+LoRA space (the adapter the family's clients download next round) and across families in the
+server's weight space, merged into the server model — ``W ← W + η·Σ αᵢ·τᵢ / Σ αᵢ`` for task
+arithmetic. The run's primary metric is the server model's. There is no back-projection: the
+clients gain from each other through their family adapter, not from the server model.
 
 Every random choice is keyed by (seed, client, round), so a job's result is the same whichever
 order jobs run in and wherever they run.
@@ -11,18 +19,19 @@ order jobs run in and wherever they run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedsim import codecs
-from fedsim.aggregators import ClientResult, make_aggregator
+from fedsim.aggregators import Aggregator, ClientResult, make_aggregator
 from fedsim.data import TaskData, label_entropy, load_dataset, partition
 from fedsim.devices import Fleet
 from fedsim.rng import stream
-from fedsim.scenario import Scenario
+from fedsim.scenario import AggregationConfig, Scenario
+from fedsim.server import ServerModel
 from fedsim.training import FamilyTrainer, LocalTrainingConfig, TrainResult
 from fedsim.workload import WORKLOADS, Arrival, Ingested, JobPlan, Upload, Workload
 
@@ -67,6 +76,17 @@ class Sent:
     num_samples: int
     quality: float  # local loss improvement
     payload: codecs.Payload
+    start: Adapter  # the adapter the client trained from (the server knows it: it sent it)
+
+
+@dataclass
+class ServerVariant:
+    """A server model and the rule that merges into it. A run has one (``server``); a study
+    (``fedsim.studies``) adds more, side by side, fed the very same client updates."""
+
+    name: str
+    model: ServerModel
+    aggregator: Aggregator
 
 
 def partition_clients(task: TaskData, scenario: Scenario, n_clients: int) -> list[np.ndarray]:
@@ -103,6 +123,9 @@ class LoraWorkload(Workload):
         self.codec_state = [codecs.ClientCodecState() for _ in range(fleet.size)]
         self.aggregator = make_aggregator(scenario.aggregation)
         self._downloaded: dict[int, Adapter] = {}  # the adapter each client trains from
+        self.servers: dict[str, ServerVariant] = {}
+        if scenario.server.model is not None:
+            self.add_server("server", scenario.aggregation.projector, scenario.aggregation)
         n_classes = num_labels or 0
         labels = np.array([ex.label for ex in train]) if n_classes else None
         self.heterogeneity = [label_entropy(labels, idx, n_classes) if labels is not None else 1.0
@@ -111,6 +134,35 @@ class LoraWorkload(Workload):
 
     def primary_metric(self) -> str:
         return self.task.metric
+
+    def server_probe(self) -> list[Any]:
+        """Server-side held-out examples: the test split after the evaluation slice (at most
+        ``server.probe_examples``), or the training split's head when the test split is used up."""
+        n, start = self.scenario.server.probe_examples, len(self.eval_examples)
+        held_out = self.task.test[start:start + n]
+        return held_out if held_out else self.task.train[:n]
+
+    def add_server(self, name: str, projector: str, aggregation: AggregationConfig,
+                   projector_options: dict[str, Any] | None = None) -> ServerVariant:
+        """A server model fed by every family through ``projector``, merged by
+        ``aggregation``'s rule. Projectors of the same kind are fitted once and cached."""
+        sc = self.scenario
+        probe = self.server_probe()
+        labelled = sc.server.linear_probe and self.task.task == "classification"
+        server = ServerModel(
+            sc.server.model, self.task.task,
+            len(self.task.label_names) if self.task.label_names else None, sc.seed,
+            projector=projector, projector_options=projector_options,
+            probe_examples=probe if labelled else (), max_length=self.cfg.max_length,
+            batch_size=self.cfg.batch_size, dataset=self.task.name)
+        texts = [e.text for e in probe]
+        for model, fam in self.families.items():
+            server.add_family(model, fam.trainer, roles=self.cfg.target_roles,
+                              lora_scale=self.cfg.lora_alpha / self.cfg.lora_r,
+                              probe_texts=texts)
+        variant = ServerVariant(name, server, make_aggregator(aggregation))
+        self.servers[name] = variant
+        return variant
 
     def _family(self, client: int) -> Family:
         return self.families[self.fleet.model[client]]
@@ -146,7 +198,8 @@ class LoraWorkload(Workload):
                                     rate_bps=rate_bps, time_left_s=time_left_s)
         err = codecs.relative_error(update.delta, codecs.decode(payload))
         sent = Sent(self.fleet.model[client], update.num_samples,
-                    update.loss_before - update.loss_after, payload)
+                    update.loss_before - update.loss_after, payload,
+                    self._downloaded.get(client, self._family(client).adapter))
         return Upload(nbytes=len(payload), raw_bytes=codecs.raw_bytes(update.delta),
                       codec=payload.describe(), rel_error=err, payload=sent)
 
@@ -161,38 +214,57 @@ class LoraWorkload(Workload):
             return Ingested(flops=numel, accepted=False, detail="non-finite delta quarantined")
         result = ClientResult(client=client, delta=delta, num_samples=sent.num_samples,
                               quality=sent.quality, heterogeneity=self.heterogeneity[client])
-        # Server work: decode (a few operations per element) + checks, ~4 FLOPs per element.
-        return Ingested(flops=4.0 * numel, accepted=True, update=result)
+        # Server work: decode (a few operations per element) + checks, ~4 FLOPs per element,
+        # then the projection into the server model (the first server's, when a study has more).
+        flops = 4.0 * numel
+        projected: dict[str, Adapter] = {}
+        for i, v in enumerate(self.servers.values()):
+            key = v.model.projector_name
+            if key not in projected:
+                projected[key] = v.model.project(sent.family, sent.start, delta)
+            if i == 0:
+                flops += v.model.flops_of_projection(sent.family, sent.start, delta)
+        return Ingested(flops=flops, accepted=True, update=(result, projected))
 
     def aggregate(self, round_: int, arrivals: list[Arrival]) -> float:
+        """Per family in LoRA space (the next download), then into every server model."""
         flops = 0.0
         for model, fam in self.families.items():
             results = [self._weighted(a) for a in arrivals if self.fleet.model[a.client] == model]
             if not results:
                 continue
+            self.aggregator.set_reference(fam.adapter)  # LARS: trust ratios against the adapter
             step = self.aggregator.aggregate(round_, results, failures=0)
             fam.adapter = {k: v + step[k] if k in step else v for k, v in fam.adapter.items()}
             fam.version += 1
             # a weighted sum: 2 FLOPs per element per client
             flops += 2.0 * len(results) * sum(t.numel() for t in step.values())
+        for i, v in enumerate(self.servers.values()):
+            results = [replace(self._weighted(a), delta=a.update[1][v.model.projector_name])
+                       for a in arrivals]
+            f = v.model.apply(results, v.aggregator, round_)
+            flops += f if i == 0 else 0.0  # a study's extra servers cost no simulated time
         return flops
 
     @staticmethod
     def _weighted(a: Arrival) -> ClientResult:
-        r: ClientResult = a.update
-        return ClientResult(r.client, r.delta, r.num_samples, a.weight, r.quality,
-                            r.heterogeneity)
+        r: ClientResult = a.update[0]
+        return replace(r, weight=a.weight)
 
     def evaluate(self, round_: int) -> dict[str, float]:
-        """Each family's global adapter on the held-out examples; the first family's metric
-        is the run's primary metric (the server model joins in with projection)."""
+        """The server model on the held-out examples (the run's primary metric; a study's
+        other servers as ``<name>/<metric>``), then each family's adapter as
+        ``<model>/<metric>``. Without a server model the first family's is the primary."""
         out: dict[str, float] = {}
-        for i, (model, fam) in enumerate(self.families.items()):
-            scores = fam.trainer.evaluate(fam.adapter, self.eval_examples)
-            for k, v in scores.items():
-                out[f"{model}/{k}"] = v
+        for i, v in enumerate(self.servers.values()):
+            for k, x in v.model.evaluate(self.eval_examples).items():
+                out[f"{v.name}/{k}"] = x
                 if i == 0:
-                    out[k] = v
+                    out[k] = x
+        for model, fam in self.families.items():
+            for k, x in fam.trainer.evaluate(fam.adapter, self.eval_examples).items():
+                out[f"{model}/{k}"] = x
+                out.setdefault(k, x)
         return out
 
     def client_metrics(self) -> dict[int, dict[str, float]]:

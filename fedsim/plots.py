@@ -714,11 +714,48 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
     return out
 
 
+# --- comparison figure (``fedsim compare``) ------------------------------------------------------
+
+
+def comparison(comparison_dir: str | Path) -> Path:
+    """Server metric per round, one line per variant (``comparison.csv``); the ``start`` server
+    (no update) as a dashed horizontal line. Projectors share a colour, LARS is dashed."""
+    d = Path(comparison_dir)
+    rows = _read_csv(d / "comparison.csv", ("variant", "round"))
+    metric = next(c for c in rows[0] if c not in ("variant", "round")) if rows else "metric"
+    by: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for r in rows:
+        by[r["variant"]].append((int(r["round"]), float(r[metric])))
+    fig = _figure(8, 5)
+    ax = fig.subplots()
+    colors: dict[str, str] = {}
+    for name, points in by.items():
+        points.sort()
+        if name == "start":
+            ax.axhline(points[0][1], color="#333333", ls=":", label="start (no update)")
+            continue
+        projector = name.removesuffix("+lars")
+        color = colors.setdefault(projector, f"C{len(colors)}")
+        x, y = zip(*points, strict=True)
+        ax.plot(x, y, color=color, ls="--" if name.endswith("+lars") else "-",
+                marker=_MARKERS[(len(colors) - 1) % len(_MARKERS)], label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"server {metric}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title(f"Server {metric} per round by projector (dashed: with LARS)\n{d.name}")
+    return _save(fig, d, "comparison.png")
+
+
 def plot_dir(path: str | Path) -> list[Path]:
-    """``fedsim plot DIR``: sweep figures for a sweep directory, run figures for a run one."""
+    """``fedsim plot DIR``: sweep figures for a sweep directory, the comparison figure for a
+    ``fedsim compare`` directory, run figures for a run one."""
     d = Path(path)
     if (d / "sweep.csv").is_file():
         return plot_sweep(d)
+    if (d / "comparison.csv").is_file():
+        return [comparison(d)]
     if (d / "summary.json").is_file():
         return plot_run(d)
     raise FedsimError(f"{path}: neither a run directory (summary.json) nor a sweep directory "

@@ -147,7 +147,15 @@ class NetworkConfig(Config):
 
 
 class ServerConfig(Config):
-    model: str = "tiny-mpnet"
+    # The larger model the clients' projected task vectors merge into (real workload); null:
+    # no server model, the families' FedAvg adapters are the result.
+    model: str | None = "tiny-mpnet"
+    # Server-side held-out examples (from the test split, after the evaluation slice): their
+    # texts are the projectors' probe corpus (unlabelled use) ...
+    probe_examples: int = Field(default=200, ge=1)
+    # ... and, for classification, their labels fit the server's head as a linear probe on the
+    # frozen model: the server's starting point. false: the head as initialized by the seed.
+    linear_probe: bool = True
     workers: int = Field(default=1, ge=1, le=1024)  # ingress workers (simpy.Resource capacity)
     queue_capacity: int = Field(default=100, ge=0)  # waiting updates beyond which we drop
     flops_per_s: PositiveFloat = 50e12  # one A100-class GPU at ~15% of 312 TFLOP/s bf16

@@ -95,3 +95,99 @@ def test_quickstart_one_round_real_models(tmp_path):
     assert s["rounds_completed"] == 1
     assert s["counts"]["updates_accepted"] > 0
     assert 0 < s["quality"]["server_by_round"][0] <= 1
+
+
+# --- the server model: projected task vectors merged into it ---------------------------------
+
+
+def server_weights(sim):
+    return {k: v.clone() for k, v in sim.workload.servers["server"].model.weights().items()}
+
+
+def test_client_updates_reach_the_server_model_through_projection():
+    """tiny-bert clients, tiny-mpnet server: after a round the server's q/v weights (the roles
+    the clients train) and its head have moved, nothing else; the server's metric is the run's
+    primary metric, the family adapter's is reported beside it; ingest time includes the
+    projection FLOPs."""
+    sim = Simulation(tiny_scenario(rounds=1, aggregation={"name": "task-arithmetic"}))
+    before = server_weights(sim)
+    res = sim.run()
+    after = server_weights(sim)
+    moved = {k for k in before if not (before[k] == after[k]).all()}
+    assert moved, "no server weight changed"
+    for k in moved:
+        assert ".attn.q." in k or ".attn.v." in k or k.startswith("classifier.out_proj"), k
+    assert any(".attn.q." in k for k in moved) and any(".attn.v." in k for k in moved)
+    q = sim.quality_by_round[0]
+    assert q["accuracy"] == q["server/accuracy"] == res.summary["quality"]["server_by_round"][0]
+    assert "tiny-bert/accuracy" in q
+    # the server is evaluated as it is now: the same weights score the same again
+    server = sim.workload.servers["server"].model
+    assert server.evaluate(sim.workload.eval_examples)["accuracy"] == q["accuracy"]
+
+
+def test_ingest_counts_decode_and_projection_flops():
+    import numpy as np
+
+    from fedsim.workload import Upload
+
+    sim = Simulation(tiny_scenario(rounds=1))
+    wl = sim.workload
+    plan = wl.plan(0, 0)
+    wl.download_bytes(0)
+    upload = wl.encode(0, 0, wl.train(0, 0, plan), 1e6, None)
+    assert isinstance(upload, Upload)
+    ing = wl.ingest(0, upload)
+    sent = upload.payload
+    delta = ing.update[0].delta
+    numel = sum(t.numel() for t in delta.values())
+    proj = wl.servers["server"].model.flops_of_projection("tiny-bert", sent.start, delta)
+    assert proj > 0
+    assert ing.flops == pytest.approx(4.0 * numel + proj)
+    assert np.isfinite(ing.flops)
+
+
+def test_without_a_server_model_the_family_metric_is_primary():
+    sim = Simulation(tiny_scenario(rounds=1, server={"model": None}))
+    res = sim.run()
+    assert not sim.workload.servers
+    q = sim.quality_by_round[0]
+    assert q["accuracy"] == q["tiny-bert/accuracy"] == res.summary["quality"]["server_by_round"][0]
+
+
+def test_compare_feeds_every_variant_the_same_updates(tmp_path):
+    """``fedsim compare``: one run, a server per projector x LARS, all starting from the same
+    model; the table has the start row and one row per variant and round."""
+    from fedsim.cli import main
+    from fedsim.plots import plot_dir
+
+    scenario = tmp_path / "s.yaml"
+    import yaml
+
+    doc = tiny_scenario(aggregation={"name": "task-arithmetic"}).model_dump(mode="json")
+    scenario.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(scenario), "--projectors", "pad,lstsq", "--quiet",
+                 "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    variants = [r["variant"] for r in rows]
+    assert variants == ["start", "pad", "pad", "pad+lars", "pad+lars", "lstsq", "lstsq",
+                        "lstsq+lars", "lstsq+lars"]
+    table = (out / "comparison.md").read_text()
+    assert table.count("\n") == 2 + 5 and "| start |" in table
+    assert (out / "run" / "summary.json").is_file()
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    first = [float(r["accuracy"]) for r in rows if r["variant"] == "pad"]
+    assert summary["quality"]["server_by_round"] == pytest.approx(first)
+    png = out / "plots" / "comparison.png"
+    assert png.stat().st_size > 10_000
+    assert plot_dir(out) == [png]
+
+
+def test_compare_rejects_an_unknown_projector(tmp_path, capsys):
+    from fedsim.cli import main
+
+    assert main(["compare", str(ROOT / "scenarios" / "quickstart.yaml"), "--projectors",
+                 "pad,warp", "--out", str(tmp_path / "x")]) == 2
+    assert "--projectors: unknown warp" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
