@@ -65,7 +65,7 @@ SETTINGS: dict[str, list[str]] = {
 ADAPTIVE = "adaptive"
 SMALL_ROUNDS = 2
 SMALL_DEADLINE_S = 0.5
-SMALL_OVERRIDES = ["server.model=tiny-mpnet", "task.max_train_examples=200",
+SMALL_OVERRIDES = ["task.max_train_examples=200",
                    "task.eval_examples=20", "training.local_steps=2", "training.batch_size=8",
                    "training.max_length=32", f"round_policy.deadline_s={SMALL_DEADLINE_S}"]
 POINT = 0.01  # "within 1 point" of accuracy
