@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from fedsim import codecs
-from fedsim.aggregators import Aggregator, ClientResult, make_aggregator
+from fedsim.aggregators import Aggregator, ClientResult, global_norm, make_aggregator
+from fedsim.attacks import attack
 from fedsim.data import TaskData, label_entropy, load_dataset, partition
 from fedsim.devices import Fleet
 from fedsim.rng import stream
@@ -194,13 +195,17 @@ class LoraWorkload(Workload):
         self._last[client] = (self._downloaded.get(client, self._family(client).adapter),
                               update.delta)
         rng = np.random.default_rng(job_seed(self.scenario.seed, client, round_))
-        payload = self.codec.encode(update.delta, self.codec_state[client], rng,
+        delta = update.delta
+        threat = self.scenario.clients[int(self.fleet.group[client])].attack
+        if threat is not None:  # a malicious client sends this instead of its honest update
+            delta = attack(threat.kind, delta, threat.factor, rng)
+        payload = self.codec.encode(delta, self.codec_state[client], rng,
                                     rate_bps=rate_bps, time_left_s=time_left_s)
-        err = codecs.relative_error(update.delta, codecs.decode(payload))
+        err = codecs.relative_error(delta, codecs.decode(payload))
         sent = Sent(self.fleet.model[client], update.num_samples,
                     update.loss_before - update.loss_after, payload,
                     self._downloaded.get(client, self._family(client).adapter))
-        return Upload(nbytes=len(payload), raw_bytes=codecs.raw_bytes(update.delta),
+        return Upload(nbytes=len(payload), raw_bytes=codecs.raw_bytes(delta),
                       codec=payload.describe(), rel_error=err, payload=sent)
 
     def ingest(self, client: int, upload: Upload) -> Ingested:
@@ -212,6 +217,11 @@ class LoraWorkload(Workload):
         numel = sum(t.numel() for t in delta.values())
         if not all(torch.isfinite(t).all() for t in delta.values()):
             return Ingested(flops=numel, accepted=False, detail="non-finite delta quarantined")
+        limit = self.scenario.aggregation.max_update_norm
+        if limit is not None and (norm := global_norm(delta)) > limit:
+            return Ingested(flops=2.0 * numel, accepted=False,
+                            detail=f"update norm {norm:.4g} > max_update_norm {limit:g}: "
+                            "quarantined")
         result = ClientResult(client=client, delta=delta, num_samples=sent.num_samples,
                               quality=sent.quality, heterogeneity=self.heterogeneity[client])
         # Server work: decode (a few operations per element) + checks, ~4 FLOPs per element,

@@ -63,6 +63,22 @@ class DeviceOverrides(Config):
         return v
 
 
+class AttackConfig(Config):
+    """What a malicious group sends instead of its honest update (``fedsim.attacks``)."""
+
+    kind: str  # scale | sign-flip | random
+    factor: PositiveFloat = 10.0  # scale: x factor; sign-flip: x -factor; random: factor x norm
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from fedsim.attacks import ATTACKS
+
+        if v not in ATTACKS:
+            raise ValueError(f"unknown attack {v!r}; known: {', '.join(ATTACKS)}")
+        return v
+
+
 class ClientGroup(Config):
     """``count`` clients of one device ``profile`` training ``model`` (same model family)."""
 
@@ -74,6 +90,7 @@ class ClientGroup(Config):
     overrides: DeviceOverrides = DeviceOverrides()
     # Per-client lognormal spread (sigma of ln) around the preset, per numeric field.
     spread: dict[str, NonNegFloat] = Field(default_factory=dict)
+    attack: AttackConfig | None = None  # set: every client of the group is malicious
 
     @field_validator("profile")
     @classmethod
@@ -226,6 +243,9 @@ class AggregationConfig(Config):
     projector: str = "lstsq"
     trim_ratio: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
     clip_norm: PositiveFloat = 1.0
+    # An update whose L2 norm (all its tensors) exceeds this is quarantined at ingest: recorded
+    # as rejected, never aggregated. null: no limit (NaN/Inf updates are always quarantined).
+    max_update_norm: PositiveFloat | None = None
 
 
 class RoundPolicyConfig(Config):
