@@ -61,8 +61,13 @@ SETTINGS: dict[str, list[str]] = {
     "qsgd-8": ["compression.codec=qsgd", "compression.bits=8"],
     "qsgd-4": ["compression.codec=qsgd", "compression.bits=4"],
     "adaptive": ["compression.codec=adaptive"],
+    # adaptive with a bits budget too: at most 1/BUDGET_DIVISOR of the fp32 update (computed
+    # from the scenario's adapter, see budget_overrides), and the deadline's time budget.
+    "adaptive-budget": ["compression.codec=adaptive"],
 }
 ADAPTIVE = "adaptive"
+ADAPTIVES = ("adaptive", "adaptive-budget")  # the settings the claims are checked for
+BUDGET_DIVISOR = 10
 SMALL_ROUNDS = 2
 SMALL_DEADLINE_S = 0.5
 SMALL_OVERRIDES = ["task.max_train_examples=200",
@@ -208,6 +213,8 @@ def run_study(scenario_path: str | Path = SCENARIO, out: str | Path = "runs/comp
     out = Path(out)
     results = []
     for label, overrides in settings.items():
+        if label == "adaptive-budget":
+            overrides = [*overrides, *budget_overrides(scenario_path, shared)]
         t0 = time.perf_counter()
         ran = run_setting(scenario_path, [*shared, *overrides], out / label)
         wall = time.perf_counter() - t0
@@ -219,6 +226,19 @@ def run_study(scenario_path: str | Path = SCENARIO, out: str | Path = "runs/comp
                 f"{result.summary['overload']['deadline_misses']} deadline misses ({how})")
         results.append(result)
     return results
+
+
+def budget_overrides(scenario_path: str | Path, shared: Sequence[str]) -> list[str]:
+    """``compression.max_bytes`` = the scenario's fp32 adapter bytes / BUDGET_DIVISOR."""
+    from fedsim import codecs
+    from fedsim.federation import local_config
+    from fedsim.scenario import load
+    from fedsim.training import FamilyTrainer
+
+    sc = load(scenario_path, list(shared))
+    adapter = FamilyTrainer(sc.clients[0].model, sc.task.kind, 5, local_config(sc),
+                            sc.seed).initial_adapter()
+    return [f"compression.max_bytes={codecs.raw_bytes(adapter) // BUDGET_DIVISOR}"]
 
 
 # --- analysis --------------------------------------------------------------------------------
@@ -272,7 +292,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths, strict=True)) for b in body]
-    lines += [f"  {r['setting']}: {r['codecs_used']}" for r in rows if r["setting"] == ADAPTIVE]
+    lines += [f"  {r['setting']}: {r['codecs_used']}" for r in rows if r["setting"] in ADAPTIVES]
     return "\n".join(lines)
 
 
@@ -297,7 +317,7 @@ def write_rounds_csv(results: Sequence[SettingResult], path: Path) -> Path:
 def comparable(results: Sequence[SettingResult], to: SettingResult) -> list[SettingResult]:
     """Fixed settings whose mean payload is within SAME_PAYLOAD_FACTOR of ``to``'s (else the
     nearest one, in log scale)."""
-    fixed = [r for r in results if r.label != ADAPTIVE and r.encodes]
+    fixed = [r for r in results if r.label not in ADAPTIVES and r.encodes]
     if not fixed or not to.encodes:
         return []
 
@@ -316,14 +336,19 @@ class Claim:
 
 
 def claims(results: Sequence[SettingResult], target: float) -> list[Claim]:
-    """The issue's figure to reach, checked on this study's results."""
+    """The issue's figure to reach, checked for each adaptive setting of the study."""
+    labels = [r.label for r in results if r.label in ADAPTIVES] or [ADAPTIVE]
+    return [c for label in labels for c in claims_for(results, target, label)]
+
+
+def claims_for(results: Sequence[SettingResult], target: float, label: str) -> list[Claim]:
     by = {r.label: r for r in results}
-    a, n = by.get(ADAPTIVE), by.get("none")
+    a, n = by.get(label), by.get("none")
     out = []
-    text1 = (f"adaptive within {POINT * 100:.0f} point of none's final accuracy with "
+    text1 = (f"{label} within {POINT * 100:.0f} point of none's final accuracy with "
              f">= {BYTES_FACTOR:.0f}x fewer bytes sent up")
     if a is None or n is None:
-        out.append(Claim(text1, None, "needs the none and adaptive settings"))
+        out.append(Claim(text1, None, f"needs the none and {label} settings"))
     else:
         gap = n.final_accuracy - a.final_accuracy
         factor = n.bytes_sent / a.bytes_sent if a.bytes_sent else math.inf
@@ -332,11 +357,11 @@ def claims(results: Sequence[SettingResult], target: float) -> list[Claim]:
                          f"accuracy {a.final_accuracy:.3f} vs none {n.final_accuracy:.3f} "
                          f"({-gap * 100:+.1f} points); bytes sent {factor:.1f}x fewer "
                          f"({a.bytes_sent / 1e6:.2f} MB vs {n.bytes_sent / 1e6:.2f} MB)"))
-    text2 = ("adaptive reaches the target accuracy sooner (simulated time) than every fixed "
+    text2 = (f"{label} reaches the target accuracy sooner (simulated time) than every fixed "
              "setting of about its average payload size")
     peers = comparable(results, a) if a is not None else []
     if a is None or not peers:
-        out.append(Claim(text2, None, "needs adaptive and at least one fixed setting"))
+        out.append(Claim(text2, None, f"needs {label} and at least one fixed setting"))
     else:
         t_a = a.time_to(target)
         holds = t_a < min(p.time_to(target) for p in peers)
@@ -347,7 +372,7 @@ def claims(results: Sequence[SettingResult], target: float) -> list[Claim]:
         peer_text = ", ".join(f"{p.label} ({p.mean_payload_bytes / 1e3:.1f} kB/update) "
                               f"{show(p.time_to(target))}" for p in peers)
         out.append(Claim(text2, holds,
-                         f"target {target:.3f}: adaptive ({a.mean_payload_bytes / 1e3:.1f} "
+                         f"target {target:.3f}: {label} ({a.mean_payload_bytes / 1e3:.1f} "
                          f"kB/update) {show(t_a)}; {peer_text}"))
     return out
 
@@ -368,8 +393,9 @@ def _axes(width: float = 8.0, height: float = 5.0):
 
 
 def _style(label: str) -> dict[str, Any]:
-    if label == ADAPTIVE:
-        return {"color": "black", "linewidth": 2.5, "marker": "o", "zorder": 3}
+    if label in ADAPTIVES:
+        return {"color": "black" if label == ADAPTIVE else "dimgray", "linewidth": 2.5,
+                "marker": "o", "zorder": 3}
     return {"linewidth": 1.3, "marker": ".", "alpha": 0.85}
 
 

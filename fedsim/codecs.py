@@ -40,7 +40,7 @@ Header bytes = 17 + S + sum over tensors (4 + len(name) + 4·ndim), trailer incl
 
 The ``adaptive`` policy picks, from a ladder of settings ordered from least to most lossy, the
 first whose payload fits the channel: size_bytes·8 / rate_bps <= safety_margin · time_left_s
-(or size_bytes <= max_bytes with no deadline); the header names the chosen setting, so
+and size_bytes <= max_bytes (when set); the header names the chosen setting, so
 :func:`decode` needs no client-side settings. Randomness comes only from the generator passed to
 ``encode``: the same generator state gives byte-identical payloads.
 """
@@ -754,8 +754,8 @@ def default_ladder() -> tuple[TensorCodec, ...]:
 class Adaptive(Codec):
     """The least lossy ladder setting whose payload fits the channel before the deadline.
 
-    Budget (bytes): safety_margin · time_left_s · rate_bps / 8 with a deadline, else
-    ``max_bytes`` (None: unlimited). Nothing fits: the smallest payload. This is the adaptive
+    Budget (bytes): ``max_bytes`` (None: unlimited) and, with a deadline, at most
+    safety_margin · time_left_s · rate_bps / 8. Nothing fits: the smallest payload. This is the adaptive
     top-k of communication-aware federated distillation: k follows the channel state.
     """
 
@@ -772,9 +772,11 @@ class Adaptive(Codec):
         return f"adaptive(safety_margin={self.safety_margin:g},max_bytes={self.max_bytes})"
 
     def budget_bytes(self, rate_bps: float | None, time_left_s: float | None) -> float:
+        """The bits budget (``max_bytes``) and, with a deadline, the time budget: the smaller."""
+        cap = math.inf if self.max_bytes is None else float(self.max_bytes)
         if rate_bps is None or time_left_s is None:
-            return math.inf if self.max_bytes is None else float(self.max_bytes)
-        return max(0.0, self.safety_margin * time_left_s) * max(0.0, rate_bps) / 8
+            return cap
+        return min(cap, max(0.0, self.safety_margin * time_left_s) * max(0.0, rate_bps) / 8)
 
     def choose(self, shapes: Shapes, rate_bps: float | None = None,
                time_left_s: float | None = None) -> TensorCodec:

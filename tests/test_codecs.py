@@ -229,6 +229,18 @@ def test_adaptive_bytes_budget_without_deadline():
     assert chosen.size_bytes(shapes) <= budget < Adaptive().ladder[0].size_bytes(shapes)
 
 
+def test_adaptive_with_a_deadline_and_a_bytes_budget_fits_the_smaller():
+    shapes = SHAPE_SETS["lora"]
+    fast = (1e9, 10.0)  # the time budget alone allows fp32
+    assert Adaptive().choose(shapes, *fast).describe() == "none"
+    budget = 2_000
+    capped = Adaptive(max_bytes=budget).choose(shapes, *fast)
+    assert capped.size_bytes(shapes) <= budget
+    slow = (2e3, 1.0)  # 250 bytes of time budget: tighter than the cap
+    tight = Adaptive(max_bytes=budget).choose(shapes, *slow)
+    assert tight.describe() == Adaptive().choose(shapes, *slow).describe()
+
+
 def test_adaptive_payload_names_the_chosen_setting_and_keeps_residuals():
     policy, state = Adaptive(), ClientCodecState()
     delta = make_delta(SHAPE_SETS["lora"])
