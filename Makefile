@@ -15,7 +15,7 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip
 	$(BIN)/python -m pip install --disable-pip-version-check -q "torch==2.13.0"
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,notebooks]"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,notebooks,ray]"
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/install-models.sh
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/install-data.sh
 

@@ -755,8 +755,8 @@ class Adaptive(Codec):
     """The least lossy ladder setting whose payload fits the channel before the deadline.
 
     Budget (bytes): ``max_bytes`` (None: unlimited) and, with a deadline, at most
-    safety_margin · time_left_s · rate_bps / 8. Nothing fits: the smallest payload. This is the adaptive
-    top-k of communication-aware federated distillation: k follows the channel state.
+    safety_margin · time_left_s · rate_bps / 8. Nothing fits: the smallest payload. This is the
+    adaptive top-k of communication-aware federated distillation: k follows the channel state.
     """
 
     def __init__(self, safety_margin: float = 0.8, max_bytes: int | None = None,

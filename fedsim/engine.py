@@ -22,7 +22,7 @@ import simpy
 
 from fedsim.channels import DOWNLINK, UPLINK, SharedLink, WiredLink, make_channel
 from fedsim.devices import PROFILES, Fleet, build_fleet
-from fedsim.executors import Executor, Job, make_executor
+from fedsim.executors import Executor, Job, JobFailed, make_executor
 from fedsim.metrics import PHASES, Recorder, RunResult, percentiles
 from fedsim.registry import Registry
 from fedsim.rng import hashed_exponential, hashed_uniform, key, stream
@@ -240,13 +240,17 @@ class Simulation:
             self.rec.emit(env.now, tk.round, c, "oom", 0, detail)
             return None
         self.rec.emit(env.now, tk.round, c, "train_start", 0, f"flops={plan.flops:.4g}")
-        tk.job = self.executor.submit(wl.train, c, tk.round, plan)
+        tk.job = self.executor.submit_train(wl, c, tk.round, plan)
         compute_s = plan.flops / self.fleet.flops_per_s[c]
         yield env.timeout(compute_s)
         job, tk.job = tk.job, None
         self.compute_s[c] += compute_s
         self.rec.latency("compute", compute_s)
-        update = job.result()
+        try:
+            update = job.result()
+        except JobFailed as e:  # the executor lost the job: a failed update, not a lost run
+            self.rec.emit(env.now, tk.round, c, "job_failed", 0, str(e))
+            return None
         self.rec.emit(env.now, tk.round, c, "train_end", 0, f"samples={plan.num_samples}")
         return (plan, update)
 
@@ -409,6 +413,7 @@ class Simulation:
                 "dropouts": rec.counts["dropout"],
                 "outages": rec.counts["outage"],
                 "rejected_updates": rec.counts["rejected"],
+                "failed_jobs": rec.counts["job_failed"],
             },
             "utilization": {
                 "uplink": self.network.utilization(UPLINK, T),

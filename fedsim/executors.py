@@ -1,25 +1,78 @@
-"""Where the heavy jobs run (registry ``EXECUTORS``): ``inline`` here; more in later issues.
+"""Where the heavy jobs run (registry ``EXECUTORS``): ``inline``, ``process`` and ``ray``.
 
-The engine submits a job when a client starts it in simulated time, waits the job's modelled
-duration on the SimPy clock, then collects the result. Results are pure functions of the
-(client, round) and the seed, so they do not depend on where or in which order jobs ran.
+The engine submits a client's training job when the client starts it in simulated time, waits
+the job's modelled duration on the SimPy clock, then collects the result; clients whose jobs
+overlap in simulated time therefore train in parallel on ``process`` and ``ray`` workers while
+SimPy stays the only clock. Results are pure functions of the (client, round) and the seed, so
+they do not depend on where or in which order jobs ran: the same scenario and seed give the
+same ``events.csv`` and ``summary.json`` under every executor.
+
+A job that leaves this process is a :class:`RemoteJob`: picklable data (the client's start
+adapter, its example indices, the batch plan and the seed) whose ``run(cache)`` executes in a
+worker. A worker keeps a :class:`WorkerCache` between jobs, so a family's frozen base model and
+the dataset are loaded once per worker and each job ships adapter bytes, not model bytes. A
+workload that has nothing to ship (``synthetic``) runs its jobs here whatever the executor.
+
+A worker that dies mid-job (killed, out of memory) is replaced and the job resubmitted, up to
+``executor.max_retries`` times; after that, or after ``executor.job_timeout_s``, the job fails
+with :class:`JobFailed`, which the engine records as a ``job_failed`` event and a failed
+update. Never a hang.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
+import resource
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Any, Protocol
 
+from fedsim.errors import FedsimError
 from fedsim.registry import Registry
 from fedsim.scenario import ExecutorConfig
 
-EXECUTORS: Registry[type[Executor]] = Registry("executor")
+if TYPE_CHECKING:
+    from fedsim.workload import JobPlan, Workload
+
+
+class JobFailed(Exception):
+    """A job could not produce a result (its worker died past the retries, or it timed out)."""
+
+
+class RemoteJob(Protocol):
+    """A job as picklable data; ``run`` executes it in a worker with that worker's cache."""
+
+    def run(self, cache: WorkerCache) -> Any: ...
+
+
+class WorkerCache:
+    """What a worker keeps between jobs: base models, data sets, built on first use by key."""
+
+    def __init__(self) -> None:
+        self._items: dict[Any, Any] = {}
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        if key not in self._items:
+            self._items[key] = build()
+        return self._items[key]
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 class Job(ABC):
     @abstractmethod
-    def result(self) -> Any: ...
+    def result(self) -> Any:
+        """The job's result, waiting for it; raises :class:`JobFailed`."""
 
     def cancel(self) -> None:
         """The client dropped out: the result will not be collected."""
@@ -30,12 +83,27 @@ class Executor(ABC):
 
     def __init__(self, cfg: ExecutorConfig) -> None:
         self.cfg = cfg
+        self.worker_peak_rss: dict[int, int] = {}  # worker pid -> peak RSS bytes seen
+
+    def submit_train(self, workload: Workload, client: int, round_: int, plan: JobPlan) -> Job:
+        """Start ``client``'s training job of ``round_``: out of process when the workload can
+        ship it, else here (lazily, when its result is collected)."""
+        job = workload.remote_job(client, round_, plan)
+        if job is None:
+            return _LazyJob(workload.train, (client, round_, plan))
+        return self.submit(job)
 
     @abstractmethod
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Job: ...
+    def submit(self, job: RemoteJob) -> Job: ...
 
     def close(self) -> None:
         """Release workers."""
+
+    def _seen(self, pid: int, rss: int) -> None:
+        self.worker_peak_rss[pid] = max(rss, self.worker_peak_rss.get(pid, 0))
+
+
+EXECUTORS: Registry[type[Executor]] = Registry("executor")
 
 
 class _LazyJob(Job):
@@ -50,8 +118,245 @@ class _LazyJob(Job):
 class InlineExecutor(Executor):
     """Runs a job in this process when its result is collected (a dropped job never runs)."""
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Job:
-        return _LazyJob(fn, args)
+    def submit_train(self, workload: Workload, client: int, round_: int, plan: JobPlan) -> Job:
+        return _LazyJob(workload.train, (client, round_, plan))
+
+    def submit(self, job: RemoteJob) -> Job:
+        cache = WorkerCache()
+        return _LazyJob(job.run, (cache,))
+
+
+# --- process: a local pool of spawned workers ---------------------------------------------------
+
+_CACHE: WorkerCache | None = None  # the worker process's cache (set by _init_worker)
+
+
+def _init_worker(threads: int) -> None:
+    global _CACHE
+    import torch  # a worker exists to run torch jobs; pin its share of the cores
+
+    torch.set_num_threads(threads)
+    _CACHE = WorkerCache()
+
+
+def _run_in_worker(job: RemoteJob) -> tuple[Any, int, int]:
+    assert _CACHE is not None, "worker not initialised"
+    result = job.run(_CACHE)
+    return result, os.getpid(), peak_rss_bytes()
+
+
+class _PoolJob(Job):
+    def __init__(self, executor: ProcessExecutor, job: RemoteJob) -> None:
+        self.executor, self.job, self.attempts = executor, job, 0
+        self._submit()
+
+    def _submit(self) -> None:
+        self.attempts += 1
+        self.slot, self.generation, self.future = self.executor._submit(self)
+
+    def result(self) -> Any:
+        ex, timeout = self.executor, self.executor.cfg.job_timeout_s
+        while True:
+            try:
+                result, pid, rss = self.future.result(timeout=timeout)
+            except BrokenProcessPool as e:  # the worker died: under this job or another
+                culprit = ex._revive(self.slot, self.generation)
+                if culprit is self:  # only the job the worker died running counts a try
+                    if self.attempts > ex.cfg.max_retries:
+                        raise JobFailed(f"worker died {self.attempts} times: {e}") from None
+                else:
+                    self.attempts -= 1
+                self._submit()
+                continue
+            except FutureTimeout:
+                ex._revive(self.slot, self.generation, kill=True)
+                raise JobFailed(f"no result after job_timeout_s={timeout:g}") from None
+            except CancelledError:  # queued behind a hung job whose worker was killed
+                self.attempts -= 1
+                self._submit()
+                continue
+            ex._seen(pid, rss)
+            return result
+
+    def cancel(self) -> None:
+        self.future.cancel()  # a running job finishes in its worker; its result is dropped
+
+
+class _Slot:
+    """One worker process (a single-process pool, so its jobs run in submission order and the
+    job it died under is known) and the jobs submitted to its current generation."""
+
+    def __init__(self) -> None:
+        self.pool: ProcessPoolExecutor | None = None
+        self.generation = 0
+        self.jobs: list[_PoolJob] = []
+        self.culprits: dict[int, _PoolJob | None] = {}  # generation -> the job it died under
+
+    def load(self) -> int:
+        return sum(1 for j in self.jobs if not j.future.done())
+
+
+@EXECUTORS.register("process")
+class ProcessExecutor(Executor):
+    """``workers`` spawned processes on this machine, each with ``threads_per_job`` torch
+    threads and its own cache of base models; a job goes to the worker with the fewest jobs
+    queued."""
+
+    def __init__(self, cfg: ExecutorConfig) -> None:
+        super().__init__(cfg)
+        self.threads = cfg.threads_per_job
+        self.slots = [_Slot() for _ in range(cfg.workers)]
+
+    def _submit(self, job: _PoolJob) -> tuple[_Slot, int, Future]:
+        slot = min(self.slots, key=_Slot.load)
+        if slot.pool is None:
+            # spawn, not fork: this process holds torch/OpenMP threads that a forked child
+            # would inherit in a locked state.
+            slot.pool = ProcessPoolExecutor(max_workers=1,
+                                            mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(self.threads,))
+        try:
+            future = slot.pool.submit(_run_in_worker, job.job)
+        except BrokenProcessPool:  # it died since its last job: a fresh worker takes this one
+            self._revive(slot, slot.generation)
+            return self._submit(job)
+        slot.jobs = [j for j in slot.jobs if not j.future.done()] + [job]
+        return slot, slot.generation, future
+
+    def _revive(self, slot: _Slot, generation: int, kill: bool = False) -> _PoolJob | None:
+        """Replace ``slot``'s dead (or, with ``kill``, hung) worker once; return the job it
+        died running: the first of its generation that failed (the queue is FIFO)."""
+        if generation == slot.generation and slot.pool is not None:
+            old, slot.pool = slot.pool, None
+            slot.generation += 1
+            if kill:  # a hung worker: nothing else frees it
+                for proc in list((getattr(old, "_processes", None) or {}).values()):
+                    proc.kill()
+            slot.culprits[generation] = next(
+                (j for j in slot.jobs if j.future.done() and not j.future.cancelled()
+                 and isinstance(j.future.exception(), BrokenProcessPool)), None)
+            old.shutdown(wait=False, cancel_futures=True)
+            slot.jobs = []
+        return slot.culprits.get(generation)
+
+    def submit(self, job: RemoteJob) -> Job:
+        return _PoolJob(self, job)
+
+    def close(self) -> None:
+        for slot in self.slots:
+            if slot.pool is not None:
+                slot.pool.shutdown(wait=True, cancel_futures=True)
+                slot.pool = None
+
+
+# --- ray: long-lived actors, local or on a cluster -----------------------------------------------
+
+
+class RayWorker:
+    """A Ray actor's body: a cache of base models and data that outlives its jobs."""
+
+    def __init__(self, threads: int) -> None:
+        _init_worker(threads)
+
+    def run(self, job: RemoteJob) -> tuple[Any, int, int]:
+        return _run_in_worker(job)
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise FedsimError("executor.name: ray needs Ray: pip install 'fedsim[ray]'") from None
+    return ray
+
+
+class _RayJob(Job):
+    def __init__(self, executor: RayExecutor, job: RemoteJob) -> None:
+        self.executor, self.job, self.attempts = executor, job, 0
+        self._submit()
+
+    def _submit(self) -> None:
+        self.attempts += 1
+        self.actor, self.handle, self.ref = self.executor._dispatch(self.job)
+
+    def result(self) -> Any:
+        ray, ex = self.executor.ray, self.executor
+        while True:
+            try:
+                result, pid, rss = ray.get(self.ref, timeout=ex.cfg.job_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                ex._replace(self.actor, self.handle)
+                raise JobFailed(f"no result after job_timeout_s={ex.cfg.job_timeout_s:g}") \
+                    from None
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+                ex._replace(self.actor, self.handle)
+                if self.attempts > ex.cfg.max_retries:
+                    raise JobFailed(f"actor died {self.attempts} times: "
+                                    f"{type(e).__name__}") from None
+                self._submit()
+                continue
+            finally:
+                ex._done(self.actor)
+            ex._seen(pid, rss)
+            return result
+
+    def cancel(self) -> None:
+        self.executor._done(self.actor)
+        # A queued actor task is cancelled; one already running finishes and is dropped.
+        # Best effort: the result is dropped anyway.
+        with contextlib.suppress(Exception):
+            self.executor.ray.cancel(self.ref)
+
+
+@EXECUTORS.register("ray")
+class RayExecutor(Executor):
+    """``workers`` Ray actors (``threads_per_job`` CPUs each), on the cluster at ``address``
+    or on a local Ray started here. Each job goes to the actor with the fewest in flight."""
+
+    def __init__(self, cfg: ExecutorConfig) -> None:
+        super().__init__(cfg)
+        self.ray = ray = _import_ray()
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(address=cfg.address,
+                     num_cpus=None if cfg.address else cfg.workers * cfg.threads_per_job,
+                     include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        self.threads = cfg.threads_per_job
+        self._actor_class = ray.remote(num_cpus=self.threads, max_restarts=0)(RayWorker)
+        self.actors: list[Any] = [None] * cfg.workers
+        self.in_flight = [0] * cfg.workers
+
+    def _actor(self, i: int) -> Any:
+        if self.actors[i] is None:
+            self.actors[i] = self._actor_class.remote(self.threads)
+        return self.actors[i]
+
+    def _dispatch(self, job: RemoteJob) -> tuple[int, Any, Any]:
+        i = min(range(len(self.actors)), key=lambda k: (self.in_flight[k], k))
+        self.in_flight[i] += 1
+        actor = self._actor(i)
+        return i, actor, actor.run.remote(job)
+
+    def _done(self, i: int) -> None:
+        self.in_flight[i] = max(self.in_flight[i] - 1, 0)
+
+    def _replace(self, i: int, handle: Any = None) -> None:
+        """Kill actor ``i`` (dead or hung) unless it was replaced already; the next job there
+        starts a fresh one."""
+        actor = self.actors[i]
+        if actor is not None and (handle is None or actor is handle):
+            self.ray.kill(actor, no_restart=True)
+            self.actors[i] = None
+
+    def submit(self, job: RemoteJob) -> Job:
+        return _RayJob(self, job)
+
+    def close(self) -> None:
+        for i in range(len(self.actors)):
+            self._replace(i)
+        if self._owns_ray:
+            self.ray.shutdown()
 
 
 def make_executor(cfg: ExecutorConfig) -> Executor:

@@ -30,6 +30,7 @@ from fedsim.aggregators import Aggregator, ClientResult, global_norm, make_aggre
 from fedsim.attacks import attack
 from fedsim.data import TaskData, label_entropy, load_dataset, partition
 from fedsim.devices import Fleet
+from fedsim.executors import WorkerCache
 from fedsim.rng import stream
 from fedsim.scenario import AggregationConfig, Scenario
 from fedsim.server import ServerModel
@@ -49,7 +50,7 @@ def local_config(scenario: Scenario) -> LocalTrainingConfig:
         target_roles=tuple(t.lora.target_roles), lr=t.lr, weight_decay=t.weight_decay,
         local_steps=t.local_steps, local_epochs=t.local_epochs, batch_size=t.batch_size,
         max_length=t.max_length,
-        quality_eval=t.quality_eval)
+        quality_eval=t.quality_eval, threads=scenario.executor.threads_per_job)
 
 
 def job_seed(seed: int, client: int, round_: int) -> int:
@@ -90,6 +91,42 @@ class ServerVariant:
     aggregator: Aggregator
 
 
+@dataclass(frozen=True)
+class FamilyKey:
+    """What a worker needs to build a family's trainer and data itself (the cache key)."""
+
+    model: str
+    task: str
+    num_labels: int | None
+    cfg: LocalTrainingConfig
+    seed: int
+    dataset: str
+    kind: str
+
+    def trainer(self) -> FamilyTrainer:
+        return FamilyTrainer(self.model, self.task, self.num_labels, self.cfg, self.seed)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One client's training job as data (a :class:`fedsim.executors.RemoteJob`): the adapter
+    it starts from, its example indices into the training split, the batch plan and the seed.
+    A worker loads the family's base model and the data set once and keeps them."""
+
+    family: FamilyKey
+    start: Adapter
+    indices: tuple[int, ...]
+    plan: Any  # fedsim.training.TrainPlan
+    seed: int
+
+    def run(self, cache: WorkerCache) -> TrainResult:
+        fam = self.family
+        trainer = cache.get(("trainer", fam), fam.trainer)
+        train = cache.get(("data", fam.dataset, fam.kind),
+                          lambda: load_dataset(fam.dataset, fam.kind).train)
+        return trainer.train(self.start, [train[i] for i in self.indices], self.plan, self.seed)
+
+
 def partition_clients(task: TaskData, scenario: Scenario, n_clients: int) -> list[np.ndarray]:
     """Each client's indices into the training set, reproducible from the seed."""
     p = scenario.task.partition
@@ -114,8 +151,12 @@ class LoraWorkload(Workload):
         self.cfg = local_config(scenario)
         num_labels = len(self.task.label_names) if self.task.label_names else None
         self.families: dict[str, Family] = {}
+        self.family_keys: dict[str, FamilyKey] = {}
         for model in dict.fromkeys(fleet.model):
-            trainer = FamilyTrainer(model, self.task.task, num_labels, self.cfg, scenario.seed)
+            fkey = FamilyKey(model, self.task.task, num_labels, self.cfg, scenario.seed,
+                             tc.dataset, tc.kind)
+            self.family_keys[model] = fkey
+            trainer = fkey.trainer()
             adapter = trainer.initial_adapter()
             nbytes = len(codecs.CODECS.get("none")().encode(adapter))
             members = [i for i, m in enumerate(fleet.model) if m == model]
@@ -189,6 +230,13 @@ class LoraWorkload(Workload):
         start = self._downloaded.get(client, fam.adapter)
         return fam.trainer.train(start, self._examples(client), plan.context,
                                  job_seed(self.scenario.seed, client, round_))
+
+    def remote_job(self, client: int, round_: int, plan: JobPlan) -> TrainJob:
+        model = self.fleet.model[client]
+        return TrainJob(self.family_keys[model],
+                        self._downloaded.get(client, self.families[model].adapter),
+                        tuple(int(i) for i in self.parts[client]), plan.context,
+                        job_seed(self.scenario.seed, client, round_))
 
     def encode(self, client: int, round_: int, update: TrainResult, rate_bps: float,
                time_left_s: float | None) -> Upload:

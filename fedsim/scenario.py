@@ -275,9 +275,33 @@ class RoundPolicyConfig(Config):
 
 
 class ExecutorConfig(Config):
+    """Where training jobs run (``fedsim.executors``): ``inline`` (here), ``process`` (a local
+    pool of ``workers``) or ``ray`` (``workers`` actors; ``address: auto`` joins a running
+    cluster, none starts a local one)."""
+
     name: str = "inline"
     workers: int = Field(default=2, ge=1, le=1024)
     address: str | None = None
+    # torch threads of every training job, wherever it runs: a float sum's order depends on
+    # the thread count, so fixing it keeps results bit-identical across executors.
+    threads_per_job: int = Field(default=1, ge=1, le=256)
+    max_retries: int = Field(default=1, ge=0, le=10)  # resubmissions after a worker dies
+    job_timeout_s: float | None = Field(default=None, gt=0)  # wall seconds; None: no limit
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from fedsim.executors import EXECUTORS
+
+        if v not in EXECUTORS:
+            raise ValueError(f"unknown executor {v!r}; known: {', '.join(EXECUTORS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _address_for_ray(self) -> ExecutorConfig:
+        if self.address is not None and self.name != "ray":
+            raise ValueError(f"address is for the ray executor, not {self.name!r}")
+        return self
 
 
 class OutputConfig(Config):

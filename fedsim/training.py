@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -62,6 +63,19 @@ HEAD_FOR_TASK = {"classification": "sequence-classification",
 PROMPTS = {"bbc-news": "{text}\nHeadline:",
            "freedict-en-de": "Translate to German: {text}\nGerman:"}
 DEFAULT_PROMPT = "{text}\n=>"
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block on ``n`` torch intra-op threads, then restore the count."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 def _role_patterns(architecture: str) -> dict[str, str]:
@@ -191,12 +205,15 @@ class LocalTrainingConfig:
     # Measure the loss over the job's examples before and after training (two extra forward
     # passes, a measurement outside the modelled FLOPs). Off: the first and last step losses.
     quality_eval: bool = False
+    # torch threads of a job: a float sum's order depends on the thread count, so a fixed one
+    # gives bit-identical deltas wherever the job runs (scenario.executor.threads_per_job).
+    threads: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_roles", tuple(self.target_roles))
         positive = {"lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "lr": self.lr,
                     "local_steps": self.local_steps, "batch_size": self.batch_size,
-                    "max_new_tokens": self.max_new_tokens}
+                    "max_new_tokens": self.max_new_tokens, "threads": self.threads}
         for key, value in positive.items():
             if not value > 0:
                 raise FedsimError(f"{key} must be > 0, got {value}")
@@ -481,6 +498,11 @@ class FamilyTrainer:
         restored afterwards. Loss before/after is measured on the plan's distinct examples in
         eval mode; it is not part of the plan's FLOPs (a measurement, not client work).
         """
+        with torch_threads(self.cfg.threads):
+            return self._train(adapter, examples, plan, seed)
+
+    def _train(self, adapter: dict[str, torch.Tensor], examples: Sequence[Example],
+               plan: TrainPlan, seed: int) -> TrainResult:
         self.apply(adapter)
         used = [examples[i] for i in sorted({i for b in plan.batches for i in b})]
         optimizer = torch.optim.AdamW(list(self._params.values()), lr=self.cfg.lr,

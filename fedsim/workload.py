@@ -7,6 +7,7 @@ the workload (registry ``WORKLOADS``):
 - ``plan(client, round)``: FLOPs and peak memory of the local job, known before it runs
   (the engine waits FLOPs / device FLOP/s and fails a job the device cannot hold);
 - ``train(client, round, plan)``: the job itself, returning an opaque ``Update``;
+  ``remote_job(client, round, plan)`` is the same job as data, for ``process``/``ray`` workers;
 - ``encode(client, round, update, rate_bps, time_left_s)``: the upload, whose ``nbytes`` is what the
   channel carries;
 - ``ingest(client, upload)``: server-side decode + projection, FLOPs of that work, and whether
@@ -87,6 +88,12 @@ class Workload(ABC):
 
     @abstractmethod
     def train(self, client: int, round_: int, plan: JobPlan) -> Any: ...
+
+    def remote_job(self, client: int, round_: int, plan: JobPlan) -> Any:
+        """``train``'s job as picklable data for an out-of-process executor (a
+        :class:`fedsim.executors.RemoteJob` whose result equals ``train``'s), or None to run
+        ``train`` here."""
+        return None
 
     @abstractmethod
     def encode(self, client: int, round_: int, update: Any, rate_bps: float,

@@ -50,3 +50,63 @@ class FixedWorkload(Workload):
 
     def evaluate(self, round_: int) -> dict[str, float]:
         return {"accuracy": 0.5 + 0.01 * round_}
+
+
+# --- remote jobs for the executors (they run in worker processes; state goes through files) ---
+
+
+class EchoJob:
+    """Returns its value, the worker's pid and what the worker's cache held before."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def run(self, cache) -> tuple[Any, int, int]:
+        import os
+
+        calls = cache.get("calls", lambda: [0])
+        calls[0] += 1
+        return self.value, os.getpid(), calls[0]
+
+
+class CrashJob:
+    """Kills its worker while the marker file holds a positive count (decremented each time),
+    then returns ``value``: a job whose worker dies ``crashes`` times."""
+
+    def __init__(self, marker: str, value: Any = "ok") -> None:
+        self.marker, self.value = marker, value
+
+    def run(self, cache) -> Any:
+        import os
+        from pathlib import Path
+
+        path = Path(self.marker)
+        left = int(path.read_text())
+        if left > 0:
+            path.write_text(str(left - 1))
+            os._exit(1)  # a worker killed mid-job, as by the OOM killer
+        return self.value
+
+
+class SleepJob:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def run(self, cache) -> float:
+        import time
+
+        time.sleep(self.seconds)
+        return self.seconds
+
+
+class RemoteFixedWorkload(FixedWorkload):
+    """FixedWorkload whose jobs run in workers; ``crash_clients`` kill their worker every try."""
+
+    def __init__(self, scenario, fleet, *, marker: str, crash_clients=(), **kw) -> None:
+        super().__init__(scenario, fleet, **kw)
+        self.marker, self.crash_clients = marker, set(crash_clients)
+
+    def remote_job(self, client: int, round_: int, plan: JobPlan) -> Any:
+        if client in self.crash_clients:
+            return CrashJob(self.marker)
+        return EchoJob({"client": client})

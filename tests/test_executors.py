@@ -1,0 +1,164 @@
+"""Executors: jobs leave the process, workers that die are replaced, results match inline."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from doubles import CrashJob, EchoJob, RemoteFixedWorkload, SleepJob
+from test_scenarios import scenario_test_overrides
+
+from fedsim.engine import Simulation
+from fedsim.executors import EXECUTORS, JobFailed, make_executor
+from fedsim.metrics import write_run_dir
+from fedsim.scenario import ExecutorConfig, ScenarioError, load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_registry_and_config_errors(tmp_path):
+    assert {"inline", "process", "ray"} <= set(EXECUTORS)
+    doc = tmp_path / "s.yaml"
+    doc.write_text("name: s\nexecutor: {name: spark}\n")
+    with pytest.raises(ScenarioError, match=r"executor\.name: .*unknown executor 'spark'"):
+        load(doc)
+    doc.write_text("name: s\nexecutor: {name: process, address: auto}\n")
+    with pytest.raises(ScenarioError, match=r"executor: .*address is for the ray executor"):
+        load(doc)
+    doc.write_text("name: s\nexecutor: {name: process, workers: 0}\n")
+    with pytest.raises(ScenarioError, match=r"executor\.workers"):
+        load(doc)
+
+
+def test_inline_runs_a_job_only_when_collected():
+    ex = make_executor(ExecutorConfig())
+    job = ex.submit(EchoJob(3))
+    value, pid, calls = job.result()
+    assert (value, pid, calls) == (3, os.getpid(), 1)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    ex = make_executor(ExecutorConfig(name="process", workers=2,
+                                      max_retries=1))
+    yield ex
+    ex.close()
+
+
+def test_process_jobs_run_in_workers_that_keep_their_cache(pool):
+    jobs = [pool.submit(EchoJob(i)) for i in range(8)]
+    out = [j.result() for j in jobs]
+    assert [v for v, _, _ in out] == list(range(8))
+    pids = {pid for _, pid, _ in out}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    # A worker's cache outlives its jobs: the counts per worker run 1, 2, 3...
+    for pid in pids:
+        counts = sorted(c for _, p, c in out if p == pid)
+        assert counts == list(range(1, len(counts) + 1))
+    assert set(pool.worker_peak_rss) == pids
+    assert all(rss > 10 * 2**20 for rss in pool.worker_peak_rss.values())  # a real process
+
+
+def test_a_dead_worker_is_replaced_and_the_job_retried(pool, tmp_path):
+    marker = tmp_path / "crashes"
+    marker.write_text("1")  # dies once, then succeeds on the retry
+    assert pool.submit(CrashJob(str(marker), "survived")).result() == "survived"
+    marker.write_text("5")  # dies every time: past max_retries it fails, it does not hang
+    t0 = time.perf_counter()
+    with pytest.raises(JobFailed, match="worker died 2 times"):
+        pool.submit(CrashJob(str(marker))).result()
+    assert time.perf_counter() - t0 < 60
+    assert int(marker.read_text()) == 3  # exactly 1 + max_retries attempts
+    assert pool.submit(EchoJob("after")).result()[0] == "after"  # the pool lives on
+
+
+def test_a_hung_job_times_out(tmp_path):
+    ex = make_executor(ExecutorConfig(name="process", workers=1, job_timeout_s=3))
+    try:
+        assert ex.submit(SleepJob(0.1)).result() == 0.1
+        t0 = time.perf_counter()
+        with pytest.raises(JobFailed, match="job_timeout_s=3"):
+            ex.submit(SleepJob(600)).result()
+        assert time.perf_counter() - t0 < 30
+        assert ex.submit(SleepJob(0.1)).result() == 0.1  # a fresh worker took over
+    finally:
+        ex.close()
+
+
+def test_engine_records_a_lost_job_and_goes_on(scenario_factory, tmp_path):
+    sc = scenario_factory(rounds=2, clients=[{"profile": "laptop", "count": 4,
+                                              "overrides": {"mean_off_s": 0}}],
+                          executor={"name": "process", "workers": 1, "max_retries": 0})
+    marker = tmp_path / "crashes"
+    marker.write_text("100")
+    sim = Simulation(sc)
+    sim.workload = RemoteFixedWorkload(sc, sim.fleet, marker=str(marker), crash_clients={1})
+    s = sim.run().summary
+    assert s["rounds_completed"] == 2
+    assert s["overload"]["failed_jobs"] == 2  # client 1, once per round
+    assert s["counts"]["updates_accepted"] == 2 * 3
+    failed = [row.split(",")[1:3] for row in sim.rec.events_csv().splitlines()
+              if ",job_failed," in row]
+    assert failed == [["0", "1"], ["1", "1"]]  # (round, client)
+
+
+def _tiny_quickstart(executor: list[str]) -> list[str]:
+    return [*scenario_test_overrides(ROOT / "scenarios/quickstart.yaml"), "rounds=2",
+            "server.model=null", *executor]
+
+
+def _run(tmp_path: Path, name: str, overrides: list[str]) -> tuple[dict, bytes]:
+    sc = load(ROOT / "scenarios/quickstart.yaml", overrides)
+    result = Simulation(sc).run()
+    out = write_run_dir(result, tmp_path / name)
+    summary = json.loads((out / "summary.json").read_text())
+    summary.pop("wall_time_s")
+    return summary, (out / "events.csv").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def inline_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("inline"), "inline", _tiny_quickstart([]))
+
+
+def test_process_matches_inline(inline_run, tmp_path):
+    summary, events = _run(tmp_path, "process", _tiny_quickstart(
+        ["executor.name=process", "executor.workers=2"]))
+    assert summary["quality"]["server_by_round"][-1] is not None
+    assert summary == inline_run[0]
+    assert events == inline_run[1]
+
+
+@pytest.mark.slow
+def test_ray_matches_inline(inline_run, tmp_path):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary, events = _run(tmp_path, "ray", _tiny_quickstart(
+            ["executor.name=ray", "executor.workers=2"]))
+    finally:
+        ray.shutdown()
+    assert summary == inline_run[0]
+    assert events == inline_run[1]
+
+
+@pytest.mark.slow
+def test_ray_replaces_a_dead_actor(tmp_path):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    import doubles
+
+    ray.cloudpickle.register_pickle_by_value(doubles)  # the test's module, unknown to workers
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ex = make_executor(ExecutorConfig(name="ray", workers=2, max_retries=1))
+    try:
+        marker = tmp_path / "crashes"
+        marker.write_text("1")
+        assert ex.submit(CrashJob(str(marker), "survived")).result() == "survived"
+        marker.write_text("5")
+        with pytest.raises(JobFailed, match="actor died 2 times"):
+            ex.submit(CrashJob(str(marker))).result()
+        assert [ex.submit(EchoJob(i)).result()[0] for i in range(4)] == [0, 1, 2, 3]
+    finally:
+        ex.close()
+        ray.shutdown()
