@@ -295,6 +295,7 @@ class SharedLink:
         # Clients that will send through this link this round and have not finished yet (the
         # engine counts them): the rate estimate of an early finisher counts the ones to come.
         self.contenders = 0
+        self.outage = False  # the cell's base station is down (faults): nothing moves
 
     @property
     def active(self) -> int:
@@ -355,11 +356,17 @@ class SharedLink:
         others = max(self.active, self.contenders - 1)
         return self.channel.estimate_rate_bps(client, self.direction, self.env.now, others)
 
+    def set_outage(self, down: bool) -> None:
+        """The base station goes down (flows stall where they are) or comes back up."""
+        self._advance()
+        self.outage = down
+        self._changed()
+
     # internals
 
     def _advance(self) -> None:
         dt = self.env.now - self._t
-        if dt > 0 and self._k:
+        if dt > 0 and self._k and not self.outage:
             self.remaining_bits[:] -= self.rates * dt
             self.busy_s += dt
         self._t = self.env.now
@@ -404,6 +411,9 @@ class SharedLink:
         if done.any():
             self._end(done, ok=True)
         if not self._k:
+            return
+        if self.outage:  # stalled until set_outage(False) recomputes
+            self.rates[:] = 0.0
             return
         now = self.env.now
         if now >= self._state_until:  # fading block or trace step changed: every flow's state

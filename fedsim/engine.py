@@ -25,9 +25,9 @@ from fedsim.devices import PROFILES, Fleet, build_fleet
 from fedsim.executors import Executor, Job, JobFailed, make_executor
 from fedsim.metrics import PHASES, Recorder, RunResult, percentiles
 from fedsim.registry import Registry
-from fedsim.rng import hashed_exponential, hashed_uniform, key, stream
+from fedsim.rng import hashed_exponential, hashed_uniform, hashed_uniform_one, key, stream
 from fedsim.scenario import Scenario
-from fedsim.workload import Arrival, Upload, Workload, make_workload
+from fedsim.workload import Arrival, JobPlan, Upload, Workload, make_workload
 
 ROUND_POLICIES: Registry[type[RoundPolicy]] = Registry("round policy")
 GIB = 2**30
@@ -97,18 +97,26 @@ class Availability:
 
 
 class Server:
-    """Server ingress: ``workers`` parallel workers (a ``simpy.Resource``) and a bounded queue.
+    """Server ingress: ``workers`` parallel workers and a bounded queue.
 
     ``serve(work)`` waits for a worker, calls ``work()`` for the service time in seconds (the
     real decode/projection happens at that moment) and holds the worker that long. A request
     arriving when ``queue_capacity`` updates already wait is dropped (returns None).
+
+    The workers are a ``simpy.PreemptiveResource``: a failing worker (``fail``) takes a worker
+    ahead of every update, preempting the one it was serving, which is then queued again
+    (``requeue``) or lost (``serve`` raises :class:`ServerFailure`).
     """
 
-    def __init__(self, env: simpy.Environment, workers: int, queue_capacity: int) -> None:
+    UPDATE, FAILURE = 1, 0  # request priorities: smaller goes first
+
+    def __init__(self, env: simpy.Environment, workers: int, queue_capacity: int,
+                 requeue: bool = True) -> None:
         self.env = env
         self.workers = workers
         self.queue_capacity = queue_capacity
-        self.resource = simpy.Resource(env, capacity=workers)
+        self.requeue = requeue
+        self.resource = simpy.PreemptiveResource(env, capacity=workers)
         self.busy_s = 0.0  # worker-seconds of service
         self.queue_max = 0
         self.dropped = 0
@@ -120,21 +128,46 @@ class Server:
         self.queue_max = max(self.queue_max, q)
         self.queue_series.append((self.env.now, q))
 
-    def serve(self, work: Callable[[], float]) -> Generator[simpy.Event, None, float | None]:
+    def serve(self, work: Callable[[], float], on_failure: Callable[[], None] | None = None
+              ) -> Generator[simpy.Event, None, float | None]:
         if len(self.resource.queue) >= self.queue_capacity and self.resource.count >= self.workers:
             self.dropped += 1
             return None
-        arrived = self.env.now
-        with self.resource.request() as req:
-            self._note_queue()
+        arrived, wait, service_s = self.env.now, None, 0.0
+        while True:
+            with self.resource.request(priority=self.UPDATE, preempt=False) as req:
+                self._note_queue()
+                yield req
+                self._note_queue()
+                if wait is None:  # the first service does the work; a requeue only waits
+                    wait = self.env.now - arrived
+                    self.waits_s.append(wait)
+                    service_s = work()
+                started = self.env.now
+                try:
+                    yield self.env.timeout(service_s)
+                except simpy.Interrupt:  # its worker failed mid-service
+                    self.busy_s += self.env.now - started
+                    if on_failure is not None:
+                        on_failure()
+                    if not self.requeue:
+                        raise ServerFailure() from None
+                    continue
+                self.busy_s += service_s
+            return wait
+
+    def fail(self, repair_s: float, on_down: Callable[[], None], on_up: Callable[[], None]
+             ) -> Generator[simpy.Event, None, None]:
+        """One worker fails now and is repaired ``repair_s`` later."""
+        with self.resource.request(priority=self.FAILURE, preempt=True) as req:
             yield req
-            self._note_queue()
-            wait = self.env.now - arrived
-            self.waits_s.append(wait)
-            service_s = work()
-            self.busy_s += service_s
-            yield self.env.timeout(service_s)
-        return wait
+            on_down()
+            yield self.env.timeout(repair_s)
+        on_up()
+
+
+class ServerFailure(Exception):
+    """The server worker serving an update failed and the update is lost."""
 
 
 class Network:
@@ -169,6 +202,7 @@ class Ticket:
     phase: str = "select"
     transfer: SharedLink | WiredLink | None = None  # the flow in progress, to cancel
     job: Job | None = None  # the training job in progress, to cancel
+    attempt: int = 0  # tries after crashes (faults.on_crash: retry)
 
 
 class Simulation:
@@ -180,7 +214,9 @@ class Simulation:
         self.env = CountingEnvironment()
         self.fleet = build_fleet(scenario, stream(scenario.seed, "fleet"))
         self.network = Network(self.env, scenario, self.fleet)
-        self.server = Server(self.env, scenario.server.workers, scenario.server.queue_capacity)
+        self.server = Server(self.env, scenario.server.workers, scenario.server.queue_capacity,
+                             requeue=scenario.faults.on_server_failure == "requeue")
+        self.crash_key = key(scenario.seed, "faults.crash")
         self.availability = Availability(self.fleet, key(scenario.seed, "availability"))
         self.select_rng = stream(scenario.seed, "selection")
         self.rec = Recorder(keep_events=scenario.output.events)
@@ -258,39 +294,81 @@ class Simulation:
                       ) -> Generator[simpy.Event, None, Arrival | None]:
         """Download -> train -> encode -> upload -> ingest. Returns the accepted Arrival.
 
-        A dropout (the client goes offline) or the round's deadline interrupts it; whatever
-        it was doing is cancelled and the interruption recorded.
+        A dropout (the client goes offline), a crash or the round's deadline interrupts it;
+        whatever it was doing is cancelled and the interruption recorded. After a crash, with
+        ``faults.on_crash: retry``, the client reboots and starts over (download included).
         """
-        c, env, wl = tk.client, self.env, self.workload
-        self._schedule_dropout(tk, env.active_process)
+        c, env = tk.client, self.env
+        proc = env.active_process
+        self._schedule_dropout(tk, proc)
         self.per_client["updates_sent"][c] += 1
         uplink = self.network.link(c, UPLINK)
         uplink.contenders += 1
+        faults = self.scenario.faults
         try:
-            if not (yield from self._transfer(tk, DOWNLINK, wl.download_bytes(c))):
-                return self._failed(c)
-            trained = yield from self._train(tk)
-            if trained is None:
-                return self._failed(c)
-            plan, update = trained
-            tk.phase = "encode"
-            time_left = None if deadline_at is None else deadline_at - env.now
-            upload = wl.encode(c, tk.round, update, uplink.estimate_rate_bps(c), time_left)
-            self.rec.emit(env.now, tk.round, c, "encode", upload.nbytes,
-                          f"{upload.codec} raw={upload.raw_bytes} err={upload.rel_error:.4g}")
-            if not (yield from self._transfer(tk, UPLINK, upload.nbytes)):
-                return self._failed(c)
-        except simpy.Interrupt as stop:
-            if tk.transfer is not None:
-                tk.transfer.cancel(c)
-            if tk.job is not None:
-                tk.job.cancel()
-            self.rec.emit(env.now, tk.round, c, str(stop.cause), 0, tk.phase)
-            return self._failed(c)
+            while True:
+                self._schedule_crash(tk, proc)
+                try:
+                    if tk.attempt:  # rebooting after a crash
+                        tk.phase = "restart"
+                        yield env.timeout(faults.restart_s)
+                    sent = yield from self._attempt(tk, deadline_at)
+                    break
+                except simpy.Interrupt as stop:
+                    if tk.transfer is not None:
+                        tk.transfer.cancel(c)
+                    if tk.job is not None:
+                        tk.job.cancel()
+                    self.rec.emit(env.now, tk.round, c, str(stop.cause), 0, tk.phase)
+                    if (stop.cause == "crash" and faults.on_crash == "retry"
+                            and tk.attempt < faults.crash_retries):
+                        tk.attempt += 1
+                        continue
+                    return self._failed(c)
         finally:
             uplink.contenders -= 1
+        if sent is None:
+            return self._failed(c)
         tk.arrived = True
+        plan, upload = sent
         return (yield from self._ingest(tk, plan.num_samples, upload))
+
+    def _attempt(self, tk: Ticket, deadline_at: float | None
+                 ) -> Generator[simpy.Event, None, tuple[JobPlan, Upload] | None]:
+        """One try at steps 2-5: download, train, encode, upload. None: it failed."""
+        c, env, wl = tk.client, self.env, self.workload
+        uplink = self.network.link(c, UPLINK)
+        if not (yield from self._transfer(tk, DOWNLINK, wl.download_bytes(c))):
+            return None
+        trained = yield from self._train(tk)
+        if trained is None:
+            return None
+        plan, update = trained
+        tk.phase = "encode"
+        time_left = None if deadline_at is None else deadline_at - env.now
+        upload = wl.encode(c, tk.round, update, uplink.estimate_rate_bps(c), time_left)
+        self.rec.emit(env.now, tk.round, c, "encode", upload.nbytes,
+                      f"{upload.codec} raw={upload.raw_bytes} err={upload.rel_error:.4g}")
+        if not (yield from self._transfer(tk, UPLINK, upload.nbytes)):
+            return None
+        return plan, upload
+
+    def _schedule_crash(self, tk: Ticket, proc: simpy.Process) -> None:
+        """Interrupt this try at an Exp(client_crash_per_h) time, unless it is over by then.
+        The draw is keyed by (client, round, try): the same whatever else happens."""
+        rate_per_s = self.scenario.faults.client_crash_per_h / 3600.0
+        if rate_per_s <= 0:
+            return
+        attempt = tk.attempt
+        u = hashed_uniform_one(self.crash_key, tk.client, tk.round * 1024 + attempt)
+        after_s = -math.log(u) / rate_per_s
+
+        def crash(_event: simpy.Event) -> None:
+            if proc.is_alive and not tk.arrived and tk.attempt == attempt:
+                proc.interrupt("crash")
+
+        env = self.env
+        env.timeout(after_s).callbacks.append(crash)
 
     def _ingest(self, tk: Ticket, num_samples: int, upload: Upload
                 ) -> Generator[simpy.Event, None, Arrival | None]:
@@ -303,7 +381,14 @@ class Simulation:
             self.rec.emit(env.now, tk.round, c, "ingest_start", upload.nbytes, ing.detail)
             return ing.flops / self.scenario.server.flops_per_s
 
-        wait = yield from self.server.serve(work)
+        def lost() -> None:
+            how = "requeued" if self.server.requeue else "lost"
+            self.rec.emit(env.now, tk.round, c, "server_failure", upload.nbytes, how)
+
+        try:
+            wait = yield from self.server.serve(work, lost)
+        except ServerFailure:
+            return self._failed(c)
         if wait is None:
             self.rec.emit(env.now, tk.round, c, "queue_drop", upload.nbytes)
             return self._failed(c)
@@ -362,6 +447,48 @@ class Simulation:
         self.rec.emit(env.now, round_, -1, "round_end", 0, f"aggregated={len(arrivals)}")
         self.on_round(len(self.rec.rounds))
 
+    # --- faults of the world (scenario.faults) ----------------------------------------------
+
+    def _start_faults(self) -> None:
+        f = self.scenario.faults
+        if f.link_outage_per_h > 0:
+            for cell in range(len(self.scenario.network.cells)):
+                self.env.process(self._link_outages(cell))
+        if f.server_failure_per_h > 0:
+            for worker in range(self.server.workers):
+                self.env.process(self._worker_failures(worker))
+
+    def _gaps_s(self, name: str, unit: int, rate_per_h: float) -> Generator[float, None, None]:
+        """Exp(rate) gaps of fault process ``name`` for ``unit``, keyed by (unit, n)."""
+        k, n = key(self.scenario.seed, f"faults.{name}"), 0
+        while True:
+            yield -math.log(hashed_uniform_one(k, unit, n)) * 3600.0 / rate_per_h
+            n += 1
+
+    def _link_outages(self, cell: int) -> Generator[simpy.Event, None, None]:
+        f, env = self.scenario.faults, self.env
+        links = [self.network.cells[d][cell] for d in (UPLINK, DOWNLINK)]
+        durations = self._gaps_s("link_outage_s", cell, 3600.0 / f.link_outage_s)
+        for gap_s in self._gaps_s("link_outage", cell, f.link_outage_per_h):
+            yield env.timeout(gap_s)
+            down_s = next(durations)
+            self.rec.emit(env.now, -1, -1, "link_down", 0, f"cell={cell} for={down_s:.6g}")
+            for link in links:
+                link.set_outage(True)
+            yield env.timeout(down_s)
+            for link in links:
+                link.set_outage(False)
+            self.rec.emit(env.now, -1, -1, "link_up", 0, f"cell={cell}")
+
+    def _worker_failures(self, worker: int) -> Generator[simpy.Event, None, None]:
+        f, env = self.scenario.faults, self.env
+        for gap_s in self._gaps_s("server_failure", worker, f.server_failure_per_h):
+            yield env.timeout(gap_s)
+            yield from self.server.fail(
+                f.server_repair_s,
+                lambda: self.rec.emit(env.now, -1, -1, "server_down", 0, f"worker={worker}"),
+                lambda: self.rec.emit(env.now, -1, -1, "server_up", 0, f"worker={worker}"))
+
     def on_round(self, done: int) -> None:
         """Progress hook (the CLI sets a progress bar here)."""
 
@@ -372,6 +499,7 @@ class Simulation:
             self.on_round = progress  # type: ignore[method-assign]
         wall0 = time.perf_counter()
         try:
+            self._start_faults()
             main = self.env.process(self.policy.run())
             self.env.run(until=main)
         finally:
@@ -414,6 +542,10 @@ class Simulation:
                 "outages": rec.counts["outage"],
                 "rejected_updates": rec.counts["rejected"],
                 "failed_jobs": rec.counts["job_failed"],
+                "crashes": rec.counts["crash"],
+                "link_outages": rec.counts["link_down"],
+                "server_failures": rec.counts["server_down"],
+                "updates_hit_by_server_failures": rec.counts["server_failure"],
             },
             "utilization": {
                 "uplink": self.network.utilization(UPLINK, T),
@@ -557,9 +689,11 @@ class AsyncBuffered(RoundPolicy):
 
 
 def run(scenario: Scenario, workload: Workload | None = None,
-        progress: Callable[[int], None] | None = None) -> RunResult:
-    """Play ``scenario`` to the end and return what it produced."""
-    sim = Simulation(scenario, workload)
+        progress: Callable[[int], None] | None = None,
+        executor: Executor | None = None) -> RunResult:
+    """Play ``scenario`` to the end and return what it produced (jobs on ``executor``, by
+    default the scenario's)."""
+    sim = Simulation(scenario, workload, executor)
     try:
         return sim.run(progress)
     finally:

@@ -64,9 +64,17 @@ class WorkerCache:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident set size, bytes. On Linux VmHWM (``ru_maxrss`` would
+    count the parent's pages a spawned worker held between fork and exec)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes
 
 
 class Job(ABC):
@@ -262,7 +270,7 @@ class RayWorker:
         return _run_in_worker(job)
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
     try:
         import ray
     except ImportError:
@@ -315,7 +323,7 @@ class RayExecutor(Executor):
 
     def __init__(self, cfg: ExecutorConfig) -> None:
         super().__init__(cfg)
-        self.ray = ray = _import_ray()
+        self.ray = ray = import_ray()
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=cfg.address,

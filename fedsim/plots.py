@@ -44,7 +44,7 @@ _STARTS = {"downlink_start": "download", "train_start": "compute", "uplink_start
            "ingest_start": "server"}
 _ENDS = {"downlink_end": "download", "train_end": "compute", "uplink_end": "upload",
          "ingest_end": "server", "rejected": "server"}
-_INTERRUPTS = {"outage", "dropout", "deadline_miss", "cancelled", "job_failed"}
+_INTERRUPTS = {"outage", "dropout", "deadline_miss", "cancelled", "job_failed", "crash"}
 DPI = 120
 
 

@@ -11,7 +11,8 @@ Every problem is reported as ``path.to.key: message`` in one :class:`ScenarioErr
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -274,6 +275,28 @@ class RoundPolicyConfig(Config):
         return self
 
 
+class FaultsConfig(Config):
+    """Faults of the simulated world, each a Poisson process (rates per hour of simulated
+    time; 0 turns a fault off). Every fault is an event in events.csv."""
+
+    # A client crashes while it works on an update (downloading, training or uploading):
+    # the update is lost (``on_crash: drop``) or the client reboots for ``restart_s`` and
+    # starts the update again (``retry``, at most ``crash_retries`` times, within the round).
+    client_crash_per_h: NonNegFloat = 0.0
+    on_crash: Literal["drop", "retry"] = "drop"
+    crash_retries: int = Field(default=1, ge=0, le=100)
+    restart_s: NonNegFloat = 30.0
+    # A cell's base station goes down (uplink and downlink carry nothing) for an exponential
+    # time of mean ``link_outage_s``; its flows stall and resume (wired clients are spared).
+    link_outage_per_h: NonNegFloat = 0.0
+    link_outage_s: PositiveFloat = 30.0
+    # A server worker fails for ``server_repair_s``; the update it was serving is lost
+    # (``on_server_failure: drop``) or queued again (``requeue``).
+    server_failure_per_h: NonNegFloat = 0.0
+    server_repair_s: PositiveFloat = 60.0
+    on_server_failure: Literal["drop", "requeue"] = "requeue"
+
+
 class ExecutorConfig(Config):
     """Where training jobs run (``fedsim.executors``): ``inline`` (here), ``process`` (a local
     pool of ``workers``) or ``ray`` (``workers`` actors; ``address: auto`` joins a running
@@ -305,8 +328,19 @@ class ExecutorConfig(Config):
 
 
 class OutputConfig(Config):
-    dir: str = "runs"
+    dir: str = Field(default="runs", min_length=1, max_length=1024)
     events: bool = True  # write events.csv (large for 10k-client sweeps)
+
+    @field_validator("dir")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        # A scenario file travels between people: the runs it writes stay under the directory
+        # it is run from. Elsewhere is the user's explicit choice: --out.
+        p = PurePosixPath(v.replace("\\", "/"))
+        if p.is_absolute() or ".." in p.parts or "\0" in v or re.match(r"^[A-Za-z]:", v):
+            raise ValueError(f"must be a relative path without '..' (runs stay under the "
+                             f"working directory; use --out for another place), got {v!r}")
+        return v
 
 
 class Scenario(Config):
@@ -323,6 +357,7 @@ class Scenario(Config):
     aggregation: AggregationConfig = AggregationConfig()
     round_policy: RoundPolicyConfig = RoundPolicyConfig()
     executor: ExecutorConfig = ExecutorConfig()
+    faults: FaultsConfig = FaultsConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -361,7 +396,7 @@ def _parse_value(text: str) -> Any:
     """An override value as YAML scalars read it (``50`` -> int, ``true`` -> bool, ``[1,2]``)."""
     try:
         return yaml.safe_load(text) if text.strip() else text
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: a 5,000-digit integer
         return text
 
 
@@ -475,6 +510,8 @@ def _read(path: Path) -> dict[str, Any]:
         raise FedsimError(f"{path}: malformed YAML{where}: {problem}") from None
     except RecursionError:
         raise FedsimError(f"{path}: YAML nested too deeply") from None
+    except (ValueError, OverflowError) as e:  # found by fuzzing: a 5,000-digit integer
+        raise FedsimError(f"{path}: unreadable YAML value: {str(e).split(';')[0]}") from None
     if not isinstance(doc, dict):
         kind = "empty" if doc is None else type(doc).__name__
         raise FedsimError(f"{path}: a scenario is a YAML mapping, got {kind}")

@@ -18,10 +18,11 @@ not run again. A point whose overrides make the scenario invalid, or whose run r
 failed row (its message in ``error``, and with the traceback in ``failed/<point>.txt``); the
 other points complete. A swept key that does not exist is a user error before anything runs.
 
-Points run in a ``ProcessPoolExecutor`` (``--workers``; 1 runs them in this process). Every
-point is a whole run seeded by its own scenario, so its results do not depend on the worker
-count. The scenario's ``executor.name: ray`` could later spread points over a Ray cluster the
-same way (one task per point); today ray only places a run's jobs, not a sweep's points.
+Points run in a ``ProcessPoolExecutor`` (``--workers``; 1 runs them in this process), or, when
+the scenario names ``executor.name: ray``, as Ray tasks (one CPU each) on the cluster at
+``executor.address`` or on a local Ray of ``--workers`` CPUs; a point then runs its own
+training jobs inside its task. Every point is a whole run seeded by its own scenario, so its
+results depend neither on the worker count nor on where it ran.
 """
 
 from __future__ import annotations
@@ -196,13 +197,22 @@ def one_line(message: str) -> str:
     return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
-def run_point(scenario_path: str, overrides: list[str], run_dir: str) -> dict[str, Any]:
-    """Load, run and write one point (in a worker process). Never raises: returns the outcome."""
+def run_point(scenario_path: str, overrides: list[str], run_dir: str,
+              jobs_here: bool = False) -> dict[str, Any]:
+    """Load, run and write one point (in a worker process). Never raises: returns the outcome.
+
+    ``jobs_here``: run the point's training jobs in this process whatever its executor (a
+    point that is itself a Ray task must not wait for Ray actors the sweep's tasks hold the
+    CPUs of). Results do not depend on the executor, so the run directory is the same.
+    """
     from fedsim.engine import run
+    from fedsim.executors import InlineExecutor
     from fedsim.metrics import read_summary, write_run_dir
 
     try:
-        result = run(load(scenario_path, overrides))
+        scenario = load(scenario_path, overrides)
+        executor = InlineExecutor(scenario.executor) if jobs_here else None
+        result = run(scenario, executor=executor)
         write_run_dir(result, run_dir)
         # The row comes from the file, so a fresh row and a resumed one are identical.
         return {"status": "ok", "summary": read_summary(run_dir)}
@@ -393,7 +403,9 @@ def run_sweep(scenario_path: str | Path, grid: dict[str, Sequence[Any]],
                desc=base.name, file=sys.stderr, disable=not progress or None)
     try:
         write_sweep_csv(csv_path, [r for r in rows if r is not None], swept)
-        if workers == 1 or len(todo) <= 1:
+        if base.executor.name == "ray" and todo:
+            _run_ray(path, sweep_dir, todo, workers, base.executor, done)
+        elif workers == 1 or len(todo) <= 1:
             for p in todo:
                 done(p, run_point(str(path), p.overrides, str(sweep_dir / p.name)))
         else:
@@ -426,6 +438,36 @@ def _run_pool(path: Path, sweep_dir: Path, todo: list[Point], workers: int, done
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+def _run_ray(path: Path, sweep_dir: Path, todo: list[Point], workers: int, cfg: Any,
+             done: Any) -> None:
+    """One Ray task (one CPU) per point, on the cluster at ``executor.address`` or a local Ray
+    of ``--workers`` CPUs. Run directories are written by the tasks: on a cluster, ``--out``
+    must be a directory every node sees (a shared file system)."""
+    from fedsim.executors import import_ray
+
+    ray = import_ray()
+    owns = not ray.is_initialized()
+    if owns:
+        ray.init(address=cfg.address, num_cpus=None if cfg.address else workers,
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=1)(run_point)
+        pending = {task.remote(str(path.resolve()), p.overrides,
+                               str((sweep_dir / p.name).resolve()), True): p for p in todo}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            p = pending.pop(ready[0])
+            try:
+                outcome = ray.get(ready[0])
+            except Exception as e:  # the task's worker died past its retry
+                outcome = {"status": "failed",
+                           "error": one_line(f"worker died: {type(e).__name__}: {e}")}
+            done(p, outcome)
+    finally:
+        if owns:
+            ray.shutdown()
 
 
 # --- the final table --------------------------------------------------------------------------

@@ -225,3 +225,21 @@ def test_results_do_not_depend_on_the_worker_count(scenario, tmp_path):
     assert strip_wall(csv1) == strip_wall(csv2)
     ev = f"{BW}=5e6__clients.0.count=8__seed=1/events.csv"
     assert (tmp_path / "w1" / ev).read_text() == (tmp_path / "w2" / ev).read_text()
+
+
+@pytest.mark.slow
+def test_a_ray_scenario_runs_its_points_as_ray_tasks(scenario, tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    local = run_sweep(scenario, GRID, workers=1, out=tmp_path / "local", progress=False)
+    scenario.write_text(SCENARIO + "executor: {name: ray}\n")
+    on_ray = run_sweep(scenario, GRID, workers=2, out=tmp_path / "ray", progress=False)
+    assert all(r["status"] == "ok" for r in on_ray) and len(on_ray) == 4
+    assert strip_wall(on_ray) == strip_wall(local)
+    ev = f"{BW}=5e6__clients.0.count=8__seed=5/events.csv"
+    assert (tmp_path / "ray" / ev).read_text() == (tmp_path / "local" / ev).read_text()
+    # Resumable on Ray as well: nothing left to run, nothing rewritten.
+    summaries = sorted((tmp_path / "ray").glob("*/summary.json"))
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    again = run_sweep(scenario, GRID, workers=2, out=tmp_path / "ray", progress=False)
+    assert again == on_ray
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps
