@@ -391,7 +391,9 @@ class SharedLink:
         """Recompute once at the end of this instant, however many flows joined or left in it."""
         if not self._flush_pending:
             self._flush_pending = True
-            self.env.timeout(0).callbacks.append(self._flush)
+            ev = self.env.timeout(0)
+            ev.callbacks.append(self._flush)
+            ev.fedsim_tag = ("flush", self.direction, self.cell)  # see fedsim.checkpoint
 
     def _flush(self, _event: simpy.Event) -> None:
         self._flush_pending = False
@@ -430,7 +432,30 @@ class SharedLink:
         if self._wake_at <= wake_at:
             return  # an earlier wake-up is pending: it will recompute and reschedule
         self._wake_at = wake_at
-        self.env.timeout(wake_at - now).callbacks.append(lambda _e: self._wake(wake_at))
+        self.rewake(wake_at)
+
+    def rewake(self, at: float) -> None:
+        """A wake-up at ``at`` (a checkpoint restores the pending ones through this)."""
+        ev = self.env.timeout(at - self.env.now)
+        ev.callbacks.append(lambda _e: self._wake(at))
+        ev.fedsim_tag = ("wake", self.direction, self.cell, at)
+
+    def refresh(self) -> None:
+        """A pending end-of-instant recomputation (restored from a checkpoint)."""
+        self._flush_pending = False
+        self._changed()
+
+    _SCALARS = ("busy_s", "bits_carried", "_t", "_wake_at", "_state_until", "outage")
+
+    def snapshot(self) -> dict[str, float | bool]:
+        """The link between rounds, when no flow is active (checkpoints)."""
+        if self._k:
+            raise RuntimeError(f"cell {self.cell} {self.direction}: {self._k} flows active")
+        return {k: getattr(self, k) for k in self._SCALARS}
+
+    def restore(self, doc: dict[str, float | bool]) -> None:
+        for k in self._SCALARS:
+            setattr(self, k, doc[k])
 
 
 class WiredLink:

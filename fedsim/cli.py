@@ -23,7 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("scenario", help="scenario YAML file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario key, e.g. --set clients.0.count=50 (repeatable)")
-    run.add_argument("--out", help="run directory (default: <output.dir>/<name>)")
+    run.add_argument("--out", help="run directory (default: <output.dir>/<name>, or the "
+                     "--resume directory)")
+    run.add_argument("--resume", metavar="DIR", help="continue the interrupted run whose "
+                     "directory is DIR from its last checkpoint (output.checkpoint_every)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
     val = sub.add_parser("validate", help="check a scenario; exit 0 if valid, 2 if not")
@@ -126,11 +129,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.scenario import load
 
     sc = load(args.scenario, args.overrides)
-    out = Path(args.out) if args.out else Path(sc.output.dir) / sc.name
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path(args.resume) if args.resume else Path(sc.output.dir) / sc.name
     bar = tqdm(total=sc.rounds, unit="round", desc=sc.name, disable=args.quiet or None,
                file=sys.stderr)
     try:
-        result = run(sc, progress=lambda done: bar.update(done - bar.n))
+        result = run(sc, progress=lambda done: bar.update(done - bar.n), run_dir=out,
+                     resume=args.resume)
     finally:
         bar.close()
     write_run_dir(result, out)

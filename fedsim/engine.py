@@ -16,12 +16,15 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import simpy
 
+from fedsim import checkpoint
 from fedsim.channels import DOWNLINK, UPLINK, SharedLink, WiredLink, make_channel
 from fedsim.devices import PROFILES, Fleet, build_fleet
+from fedsim.errors import FedsimError
 from fedsim.executors import Executor, Job, JobFailed, make_executor
 from fedsim.metrics import PHASES, Recorder, RunResult, percentiles
 from fedsim.registry import Registry
@@ -103,9 +106,10 @@ class Server:
     real decode/projection happens at that moment) and holds the worker that long. A request
     arriving when ``queue_capacity`` updates already wait is dropped (returns None).
 
-    The workers are a ``simpy.PreemptiveResource``: a failing worker (``fail``) takes a worker
-    ahead of every update, preempting the one it was serving, which is then queued again
-    (``requeue``) or lost (``serve`` raises :class:`ServerFailure`).
+    The workers are a ``simpy.PreemptiveResource``: a failing worker (a request at priority
+    ``FAILURE`` with ``preempt=True``) takes a worker ahead of every update, preempting the
+    one it was serving, which is then queued again (``requeue``) or lost (``serve`` raises
+    :class:`ServerFailure`).
     """
 
     UPDATE, FAILURE = 1, 0  # request priorities: smaller goes first
@@ -155,15 +159,6 @@ class Server:
                     continue
                 self.busy_s += service_s
             return wait
-
-    def fail(self, repair_s: float, on_down: Callable[[], None], on_up: Callable[[], None]
-             ) -> Generator[simpy.Event, None, None]:
-        """One worker fails now and is repaired ``repair_s`` later."""
-        with self.resource.request(priority=self.FAILURE, preempt=True) as req:
-            yield req
-            on_down()
-            yield self.env.timeout(repair_s)
-        on_up()
 
 
 class ServerFailure(Exception):
@@ -230,6 +225,10 @@ class Simulation:
         self.compute_s = np.zeros(n)
         self.server_aggregate_s = 0.0
         self.quality_by_round: list[dict[str, float]] = []
+        self.faults: dict[str, dict] = {}  # fault process -> its state (see _fault)
+        self.first_round = 0  # a resumed run starts later
+        self.checkpoint_to: Path | None = None  # run directory whose checkpoints/ to write
+        self.restore_events = 0  # SimPy events a restore adds that the original run had not
 
     # --- the life of one update -------------------------------------------------------------
 
@@ -243,7 +242,9 @@ class Simulation:
             if proc.is_alive and not tk.arrived:
                 proc.interrupt("dropout")
 
-        self.env.timeout(t_off - self.env.now).callbacks.append(drop)
+        ev = self.env.timeout(t_off - self.env.now)
+        ev.callbacks.append(drop)
+        ev.fedsim_tag = ("noop",)  # after the update, a no-op that still counts as an event
 
     def _transfer(self, tk: Ticket, direction: str, nbytes: int
                   ) -> Generator[simpy.Event, None, bool]:
@@ -367,8 +368,9 @@ class Simulation:
             if proc.is_alive and not tk.arrived and tk.attempt == attempt:
                 proc.interrupt("crash")
 
-        env = self.env
-        env.timeout(after_s).callbacks.append(crash)
+        ev = self.env.timeout(after_s)
+        ev.callbacks.append(crash)
+        ev.fedsim_tag = ("noop",)
 
     def _ingest(self, tk: Ticket, num_samples: int, upload: Upload
                 ) -> Generator[simpy.Event, None, Arrival | None]:
@@ -448,49 +450,173 @@ class Simulation:
         self.on_round(len(self.rec.rounds))
 
     # --- faults of the world (scenario.faults) ----------------------------------------------
+    # Each fault process keeps its state in ``self.faults`` (the next draw's index, whether it
+    # is down, until when it waits) so that a checkpoint can restart it where it was.
 
     def _start_faults(self) -> None:
         f = self.scenario.faults
         if f.link_outage_per_h > 0:
             for cell in range(len(self.scenario.network.cells)):
-                self.env.process(self._link_outages(cell))
+                self._fault(f"link:{cell}")
         if f.server_failure_per_h > 0:
             for worker in range(self.server.workers):
-                self.env.process(self._worker_failures(worker))
+                self._fault(f"server:{worker}")
 
-    def _gaps_s(self, name: str, unit: int, rate_per_h: float) -> Generator[float, None, None]:
-        """Exp(rate) gaps of fault process ``name`` for ``unit``, keyed by (unit, n)."""
-        k, n = key(self.scenario.seed, f"faults.{name}"), 0
-        while True:
-            yield -math.log(hashed_uniform_one(k, unit, n)) * 3600.0 / rate_per_h
-            n += 1
+    def _fault(self, name: str, state: dict | None = None) -> simpy.Process:
+        self.faults[name] = state or {"n": 0, "down": False, "until": None}
+        kind, unit = name.split(":")
+        body = self._link_outages if kind == "link" else self._worker_failures
+        return self.env.process(body(int(unit), self.faults[name]))
 
-    def _link_outages(self, cell: int) -> Generator[simpy.Event, None, None]:
+    def _exp_s(self, name: str, unit: int, n: int, mean_s: float) -> float:
+        """An Exp(mean) draw of fault process ``name`` for ``unit``, keyed by (unit, n)."""
+        return -math.log(hashed_uniform_one(key(self.scenario.seed, f"faults.{name}"), unit, n)
+                         ) * mean_s
+
+    def _timer(self, at: float) -> simpy.Timeout:
+        ev = self.env.timeout(at - self.env.now)
+        ev.fedsim_tag = ("fault",)  # restored by restarting its process from self.faults
+        return ev
+
+    def _link_outages(self, cell: int, st: dict) -> Generator[simpy.Event, None, None]:
+        """Up for Exp(1/rate), down for Exp(link_outage_s), again and again."""
         f, env = self.scenario.faults, self.env
         links = [self.network.cells[d][cell] for d in (UPLINK, DOWNLINK)]
-        durations = self._gaps_s("link_outage_s", cell, 3600.0 / f.link_outage_s)
-        for gap_s in self._gaps_s("link_outage", cell, f.link_outage_per_h):
-            yield env.timeout(gap_s)
-            down_s = next(durations)
-            self.rec.emit(env.now, -1, -1, "link_down", 0, f"cell={cell} for={down_s:.6g}")
-            for link in links:
-                link.set_outage(True)
-            yield env.timeout(down_s)
-            for link in links:
-                link.set_outage(False)
-            self.rec.emit(env.now, -1, -1, "link_up", 0, f"cell={cell}")
+        while True:
+            if st["until"] is None:
+                st["until"] = env.now + self._exp_s("link_outage", cell, st["n"],
+                                                    3600.0 / f.link_outage_per_h)
+            yield self._timer(st["until"])
+            if st["down"]:
+                for link in links:
+                    link.set_outage(False)
+                st["down"], st["n"], st["until"] = False, st["n"] + 1, None
+                self.rec.emit(env.now, -1, -1, "link_up", 0, f"cell={cell}")
+            else:
+                down_s = self._exp_s("link_outage_s", cell, st["n"], f.link_outage_s)
+                self.rec.emit(env.now, -1, -1, "link_down", 0, f"cell={cell} for={down_s:.6g}")
+                for link in links:
+                    link.set_outage(True)
+                st["down"], st["until"] = True, env.now + down_s
 
-    def _worker_failures(self, worker: int) -> Generator[simpy.Event, None, None]:
-        f, env = self.scenario.faults, self.env
-        for gap_s in self._gaps_s("server_failure", worker, f.server_failure_per_h):
-            yield env.timeout(gap_s)
-            yield from self.server.fail(
-                f.server_repair_s,
-                lambda: self.rec.emit(env.now, -1, -1, "server_down", 0, f"worker={worker}"),
-                lambda: self.rec.emit(env.now, -1, -1, "server_up", 0, f"worker={worker}"))
+    def _worker_failures(self, worker: int, st: dict) -> Generator[simpy.Event, None, None]:
+        """Up for Exp(1/rate), then the worker fails (preempting the update it serves) and is
+        repaired after server_repair_s, again and again."""
+        f, env, server = self.scenario.faults, self.env, self.server
+        while True:
+            restored_down = st["down"]
+            if not restored_down:
+                if st["until"] is None:
+                    st["until"] = env.now + self._exp_s("server_failure", worker, st["n"],
+                                                        3600.0 / f.server_failure_per_h)
+                yield self._timer(st["until"])
+            with server.resource.request(priority=Server.FAILURE, preempt=True) as req:
+                yield req
+                if restored_down:  # back under repair: the grant is not an original event
+                    self.restore_events += 1
+                else:
+                    self.rec.emit(env.now, -1, -1, "server_down", 0, f"worker={worker}")
+                    st["down"], st["until"] = True, env.now + f.server_repair_s
+                yield self._timer(st["until"])
+            st["down"], st["n"], st["until"] = False, st["n"] + 1, None
+            self.rec.emit(env.now, -1, -1, "server_up", 0, f"worker={worker}")
 
     def on_round(self, done: int) -> None:
         """Progress hook (the CLI sets a progress bar here)."""
+
+    # --- checkpoints (fedsim.checkpoint) ---------------------------------------------------
+
+    def at_boundary(self, round_: int) -> None:
+        """After round ``round_`` closed: checkpoint every ``output.checkpoint_every`` rounds."""
+        every = self.scenario.output.checkpoint_every
+        if self.checkpoint_to is None or not every or (round_ + 1) % every:
+            return
+        if round_ + 1 >= self.scenario.rounds:
+            return  # the run directory itself comes next
+        state, tensors = self.checkpoint_state(round_)
+        checkpoint.save(self.checkpoint_to, round_, state, tensors)
+
+    def _pending(self) -> list[list]:
+        """The events on the clock now, in their order, as restorable tags."""
+        out = []
+        for t, prio, _eid, ev in sorted(self.env._queue):
+            tag = getattr(ev, "fedsim_tag", None)
+            if tag is None and isinstance(ev, simpy.Timeout) and not ev.callbacks:
+                tag = ("noop",)  # a wait an interrupt abandoned (deadline, dropout, crash)
+            if tag is None:
+                raise RuntimeError(f"cannot checkpoint: untagged pending event {ev!r} at {t}")
+            out.append([t, prio, *tag])
+        return out
+
+    def checkpoint_state(self, round_: int) -> tuple[dict, dict]:
+        """Everything the rest of the run depends on, after round ``round_`` (JSON, tensors)."""
+        rec, av, A = self.rec, self.availability, checkpoint.array
+        wl_state, tensors = self.workload.checkpoint_state()
+        state = {
+            "scenario": self.scenario.to_yaml(),
+            "now": self.env.now,
+            "sim_events": self.env.events_processed - self.restore_events,
+            "next_round": round_ + 1,
+            "select_rng": checkpoint.rng_state(self.select_rng),
+            "availability": {"on": A(av.on), "count": A(av.count),
+                             "next_switch": A(av.next_switch)},
+            "links": {f"{d}:{i}": lk.snapshot() for d, links in self.network.cells.items()
+                      for i, lk in enumerate(links)},
+            "wired_bits": self.network.wired.bits_carried,
+            "server": {"busy_s": self.server.busy_s, "queue_max": self.server.queue_max,
+                       "dropped": self.server.dropped, "waits_s": self.server.waits_s,
+                       "queue_series": self.server.queue_series},
+            "recorder": rec.state(),
+            "per_client": {k: A(v) for k, v in self.per_client.items()},
+            "compute_s": A(self.compute_s),
+            "server_aggregate_s": self.server_aggregate_s,
+            "quality_by_round": self.quality_by_round,
+            "faults": self.faults,
+            "pending": self._pending(),
+            "workload": wl_state,
+        }
+        return state, tensors
+
+    def restore(self, state: dict, tensors: dict) -> None:
+        """Put this freshly built world in the checkpointed state (before ``run``)."""
+        if state["scenario"] != self.scenario.to_yaml():
+            raise FedsimError("--resume: the checkpoint was taken with another scenario "
+                              "(compare its state.json 'scenario' with this one's --set)")
+        env, av, F = self.env, self.availability, checkpoint.from_array
+        env._now = state["now"]
+        checkpoint.set_rng_state(self.select_rng, state["select_rng"])
+        av.on, av.count, av.next_switch = (F(state["availability"][k])
+                                           for k in ("on", "count", "next_switch"))
+        for name, doc in state["links"].items():
+            d, i = name.split(":")
+            self.network.cells[d][int(i)].restore(doc)
+        self.network.wired.bits_carried = state["wired_bits"]
+        sv = state["server"]
+        self.server.busy_s, self.server.queue_max, self.server.dropped = (
+            sv["busy_s"], sv["queue_max"], sv["dropped"])
+        self.server.waits_s = list(sv["waits_s"])
+        self.server.queue_series = [tuple(x) for x in sv["queue_series"]]
+        self.rec.restore(state["recorder"])
+        for k, doc in state["per_client"].items():
+            self.per_client[k] = F(doc)
+        self.compute_s = F(state["compute_s"])
+        self.server_aggregate_s = state["server_aggregate_s"]
+        self.quality_by_round = list(state["quality_by_round"])
+        self.workload.restore_state(state["workload"], tensors)
+        self.first_round = state["next_round"]
+        # The clock: the pending events again, in their order; fault processes restart.
+        self.restore_events = 1  # the policy's new process starts with an Initialize event
+        for t, _prio, kind, *rest in state["pending"]:
+            if kind == "noop":
+                env.timeout(t - env.now).fedsim_tag = ("noop",)
+            elif kind == "wake":
+                self.network.cells[rest[0]][rest[1]].rewake(rest[2])
+            elif kind == "flush":
+                self.network.cells[rest[0]][rest[1]].refresh()
+        for name, st in state["faults"].items():
+            self._fault(name, dict(st))
+            self.restore_events += 1  # its Initialize
+        self.env.events_processed = state["sim_events"]
 
     # --- the run ----------------------------------------------------------------------------
 
@@ -499,11 +625,13 @@ class Simulation:
             self.on_round = progress  # type: ignore[method-assign]
         wall0 = time.perf_counter()
         try:
-            self._start_faults()
+            if not self.first_round:
+                self._start_faults()
             main = self.env.process(self.policy.run())
             self.env.run(until=main)
         finally:
             self.executor.close()
+        self.env.events_processed -= self.restore_events
         summary = self.summarize(time.perf_counter() - wall0)
         return RunResult(scenario_yaml=self.scenario.to_yaml(), summary=summary,
                          recorder=self.rec, clients=self.client_rows(),
@@ -605,7 +733,7 @@ class SyncRounds(RoundPolicy):
 
     def run(self) -> Generator[simpy.Event, None, None]:
         sim, env = self.sim, self.sim.env
-        for r in range(sim.scenario.rounds):
+        for r in range(sim.first_round, sim.scenario.rounds):
             candidates = yield from sim.wait_for_clients()
             started = env.now
             deadline_at = None if self.deadline_s is None else started + self.deadline_s
@@ -616,6 +744,7 @@ class SyncRounds(RoundPolicy):
             arrivals = [p.value for p in procs if p.value is not None]
             stats = {"selected": len(procs), "arrived": len(arrivals)}
             yield from sim.close_round(r, started, arrivals, stats)
+            sim.at_boundary(r)
 
     def wait(self, running: list[tuple[Ticket, simpy.Process]], deadline_at: float | None
              ) -> Generator[simpy.Event, None, None]:
@@ -638,7 +767,9 @@ class DeadlineRounds(SyncRounds):
         env = self.sim.env
         procs = [p for _, p in running]
         left_s = max((deadline_at if deadline_at is not None else env.now) - env.now, 0.0)
-        yield env.all_of(procs) | env.timeout(left_s)
+        timer = env.timeout(left_s)
+        timer.fedsim_tag = ("noop",)  # may outlive the round, firing into nothing
+        yield env.all_of(procs) | timer
         for tk, p in running:
             if p.is_alive and not tk.arrived:
                 p.interrupt("deadline_miss")
@@ -690,11 +821,21 @@ class AsyncBuffered(RoundPolicy):
 
 def run(scenario: Scenario, workload: Workload | None = None,
         progress: Callable[[int], None] | None = None,
-        executor: Executor | None = None) -> RunResult:
+        executor: Executor | None = None, run_dir: str | Path | None = None,
+        resume: str | Path | None = None) -> RunResult:
     """Play ``scenario`` to the end and return what it produced (jobs on ``executor``, by
-    default the scenario's)."""
+    default the scenario's). With ``run_dir``, checkpoints go to ``run_dir/checkpoints/``
+    (``output.checkpoint_every``); with ``resume``, the run continues from that directory's
+    latest checkpoint."""
     sim = Simulation(scenario, workload, executor)
     try:
+        sim.checkpoint_to = Path(run_dir) if run_dir is not None else None
+        if resume is not None:
+            found = checkpoint.latest(resume)
+            if found is None:
+                raise FedsimError(f"--resume {resume}: no checkpoint there (a run writes them "
+                                  "with output.checkpoint_every)")
+            sim.restore(*checkpoint.load(found))
         return sim.run(progress)
     finally:
         sim.workload.close()

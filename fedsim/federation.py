@@ -338,6 +338,46 @@ class LoraWorkload(Workload):
             out[client] = trainer.evaluate(local, self.eval_examples[:CLIENT_EVAL_EXAMPLES])
         return out
 
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Family adapters and versions, error-feedback residuals, each client's last (start,
+        delta) and the server models' merged weights. Tensors are cloned: safetensors refuses
+        tensors that share memory (clients share their family's start adapter)."""
+        t: dict[str, torch.Tensor] = {}
+
+        def put(prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+            for k, v in tensors.items():
+                t[f"{prefix}/{k}"] = v.detach().clone()
+
+        for model, fam in self.families.items():
+            put(f"family/{model}", fam.adapter)
+        for c, cs in enumerate(self.codec_state):
+            put(f"residual/{c}", cs.residuals)
+        for c, (start, delta) in self._last.items():
+            put(f"last/{c}/start", start)
+            put(f"last/{c}/delta", delta)
+        for name, v in self.servers.items():
+            put(f"server/{name}", v.model.merged_weights())
+        state = {"versions": {m: f.version for m, f in self.families.items()},
+                 "last": sorted(self._last)}
+        return state, t
+
+    def restore_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        def take(prefix: str) -> dict[str, torch.Tensor]:
+            head = prefix + "/"
+            return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+
+        for model, fam in self.families.items():
+            fam.adapter = take(f"family/{model}")
+            fam.version = state["versions"][model]
+        for c, cs in enumerate(self.codec_state):
+            cs.residuals = take(f"residual/{c}")
+        self._last = {c: (take(f"last/{c}/start"), take(f"last/{c}/delta"))
+                      for c in state["last"]}
+        for name, v in self.servers.items():
+            v.model.load_merged_weights(take(f"server/{name}"))
+
     def close(self) -> None:
         self.families.clear()
 

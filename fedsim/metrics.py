@@ -56,6 +56,22 @@ class Recorder:
             b.append(nbytes)
             d.append(detail)
 
+    _SCALARS = ("bytes_up", "bytes_up_raw", "bytes_down")
+
+    def state(self) -> dict[str, Any]:
+        """Everything recorded so far, as JSON (checkpoints)."""
+        return {"cols": [list(c) for c in self._cols], "counts": dict(self.counts),
+                "latency_s": self.latency_s, "rounds": self.rounds,
+                **{k: getattr(self, k) for k in self._SCALARS}}
+
+    def restore(self, doc: dict[str, Any]) -> None:
+        self._cols = tuple(list(c) for c in doc["cols"])
+        self.counts = defaultdict(int, doc["counts"])
+        self.latency_s = {p: list(v) for p, v in doc["latency_s"].items()}
+        self.rounds = [dict(r) for r in doc["rounds"]]
+        for k in self._SCALARS:
+            setattr(self, k, doc[k])
+
     def latency(self, phase: str, seconds: float) -> None:
         self.latency_s[phase].append(seconds)
 

@@ -330,6 +330,9 @@ class ExecutorConfig(Config):
 class OutputConfig(Config):
     dir: str = Field(default="runs", min_length=1, max_length=1024)
     events: bool = True  # write events.csv (large for 10k-client sweeps)
+    # Checkpoint at every N-th round boundary into <run dir>/checkpoints/ (fedsim run
+    # --resume DIR continues from the last). sync and deadline rounds only.
+    checkpoint_every: int | None = Field(default=None, ge=1)
 
     @field_validator("dir")
     @classmethod
@@ -359,6 +362,13 @@ class Scenario(Config):
     executor: ExecutorConfig = ExecutorConfig()
     faults: FaultsConfig = FaultsConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _checkpoints_need_rounds(self) -> Scenario:
+        if self.output.checkpoint_every and self.round_policy.name == "async":
+            raise ValueError("output.checkpoint_every: async runs cannot be checkpointed (their "
+                             "updates overlap every aggregation; use sync or deadline rounds)")
+        return self
 
     @model_validator(mode="after")
     def _cells_exist(self) -> Scenario:

@@ -126,6 +126,7 @@ class ServerModel:
             if key is not None:
                 self._weights[key] = param
         self.head = head_name(named_modules(self.model))
+        self._merged: set[str] = set()  # weight keys aggregation has changed
         if probe_examples:
             self.fit_linear_probe(probe_examples)
         self.adapter = self.trainer.current_adapter()  # the head as evaluation applies it
@@ -135,6 +136,18 @@ class ServerModel:
     def weights(self) -> dict[str, torch.Tensor]:
         """The server's weights by key (detached views, not copies)."""
         return {k: p.detach() for k, p in self._weights.items()}
+
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """The weights aggregation has changed so far (what a checkpoint must keep: the rest
+        is the base model and the linear probe, rebuilt from the seed)."""
+        return {k: self._weights[k].detach() for k in sorted(self._merged)}
+
+    def load_merged_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in weights.items():
+                self._weights[k].copy_(v)
+        self._merged = set(weights)
+        self.adapter = self.trainer.current_adapter()
 
     def fit_linear_probe(self, examples: Sequence[Example], l2: float = 1e-3) -> None:
         """Fit the head's final linear layer on the frozen features of labelled ``examples``."""
@@ -259,6 +272,7 @@ class ServerModel:
         with torch.no_grad():
             for key, value in step.items():
                 self._weights[key].add_(value.to(self._weights[key].dtype))
+        self._merged.update(step)
         self.adapter = self.trainer.current_adapter()
         numel = sum(self._weights[k].numel() for k in keys)
         return flops + 2.0 * len(results) * numel + numel

@@ -68,3 +68,12 @@ def test_run_writes_run_directory(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["rounds_completed"] == 2 and s["seed"] == 5
     assert "seed: 5" in (out / "scenario.yaml").read_text()
+
+
+def test_resume_without_a_checkpoint_exits_2(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(GOOD)
+    r = fedsim("run", p, "--resume", tmp_path / "never-ran")
+    assert r.returncode == 2, r.stderr
+    assert "no checkpoint there" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "never-ran").exists()

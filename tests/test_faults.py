@@ -94,8 +94,11 @@ def test_a_failing_worker_preempts_the_update_it_serves(requeue):
 
     def failure():
         yield env.timeout(4.0)
-        yield from server.fail(3.0, lambda: log.append(("down", env.now)),
-                               lambda: log.append(("up", env.now)))
+        with server.resource.request(priority=Server.FAILURE, preempt=True) as req:
+            yield req
+            log.append(("down", env.now))
+            yield env.timeout(3.0)
+        log.append(("up", env.now))
 
     env.process(update())
     env.process(failure())
