@@ -79,7 +79,7 @@ def _tiny_real(extra=()):
     return load(ROOT / "scenarios/quickstart.yaml", [
         *scenario_test_overrides(ROOT / "scenarios/quickstart.yaml"), "rounds=3",
         "compression.codec=topk", "compression.ratio=0.2",
-        "output.checkpoint_every=1", *extra])
+        "output.checkpoint_every=1", "executor.name=inline", *extra])
 
 
 def test_real_sync_run_resumes_identically(tmp_path):

@@ -119,7 +119,8 @@ def _run(tmp_path: Path, name: str, overrides: list[str]) -> tuple[dict, bytes]:
 
 @pytest.fixture(scope="module")
 def inline_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("inline"), "inline", _tiny_quickstart([]))
+    return _run(tmp_path_factory.mktemp("inline"), "inline",
+                _tiny_quickstart(["executor.name=inline"]))
 
 
 def test_process_matches_inline(inline_run, tmp_path):
