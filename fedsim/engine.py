@@ -30,7 +30,7 @@ from fedsim.metrics import PHASES, Recorder, RunResult, percentiles
 from fedsim.registry import Registry
 from fedsim.rng import hashed_exponential, hashed_uniform, hashed_uniform_one, key, stream
 from fedsim.scenario import Scenario
-from fedsim.workload import Arrival, JobPlan, Upload, Workload, make_workload
+from fedsim.workload import Arrival, Deferred, JobPlan, Upload, Workload, make_workload
 
 ROUND_POLICIES: Registry[type[RoundPolicy]] = Registry("round policy")
 GIB = 2**30
@@ -229,6 +229,7 @@ class Simulation:
         self.first_round = 0  # a resumed run starts later
         self.checkpoint_to: Path | None = None  # run directory whose checkpoints/ to write
         self.restore_events = 0  # SimPy events a restore adds that the original run had not
+        self._deferred: list[tuple[int, Deferred]] = []  # rounds whose quality is coming
 
     # --- the life of one update -------------------------------------------------------------
 
@@ -440,12 +441,15 @@ class Simulation:
         self.server_aggregate_s += agg_s
         self.rec.emit(env.now, round_, -1, "aggregate", 0, f"updates={len(arrivals)}")
         quality = self.workload.evaluate(round_)
-        self.quality_by_round.append(quality)
         self.rec.latency("round", env.now - started_s)
         row = {"round": round_, "start_s": started_s, "end_s": env.now,
-               "duration_s": env.now - started_s, **stats, "aggregated": len(arrivals),
-               **{f"server_{k}": v for k, v in quality.items()}}
+               "duration_s": env.now - started_s, **stats, "aggregated": len(arrivals)}
         self.rec.rounds.append(row)
+        self.quality_by_round.append({})
+        if isinstance(quality, Deferred):  # filled in by _settle_quality
+            self._deferred.append((len(self.quality_by_round) - 1, quality))
+        else:
+            self._fill_quality(len(self.quality_by_round) - 1, quality)
         self.rec.emit(env.now, round_, -1, "round_end", 0, f"aggregated={len(arrivals)}")
         self.on_round(len(self.rec.rounds))
 
@@ -521,6 +525,16 @@ class Simulation:
             st["down"], st["n"], st["until"] = False, st["n"] + 1, None
             self.rec.emit(env.now, -1, -1, "server_up", 0, f"worker={worker}")
 
+    def _fill_quality(self, i: int, quality: dict[str, float]) -> None:
+        self.quality_by_round[i] = quality
+        self.rec.rounds[i].update({f"server_{k}": v for k, v in quality.items()})
+
+    def _settle_quality(self) -> None:
+        """Wait for background evaluations and put their numbers in place."""
+        for i, deferred in self._deferred:
+            self._fill_quality(i, deferred.result())
+        self._deferred.clear()
+
     def on_round(self, done: int) -> None:
         """Progress hook (the CLI sets a progress bar here)."""
 
@@ -533,6 +547,7 @@ class Simulation:
             return
         if round_ + 1 >= self.scenario.rounds:
             return  # the run directory itself comes next
+        self._settle_quality()
         state, tensors = self.checkpoint_state(round_)
         checkpoint.save(self.checkpoint_to, round_, state, tensors)
 
@@ -632,6 +647,7 @@ class Simulation:
         finally:
             self.executor.close()
         self.env.events_processed -= self.restore_events
+        self._settle_quality()
         summary = self.summarize(time.perf_counter() - wall0)
         return RunResult(scenario_yaml=self.scenario.to_yaml(), summary=summary,
                          recorder=self.rec, clients=self.client_rows(),

@@ -19,6 +19,7 @@ order jobs run in and wherever they run.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,7 +36,7 @@ from fedsim.rng import stream
 from fedsim.scenario import AggregationConfig, Scenario
 from fedsim.server import ServerModel
 from fedsim.training import FamilyTrainer, LocalTrainingConfig, TrainResult
-from fedsim.workload import WORKLOADS, Arrival, Ingested, JobPlan, Upload, Workload
+from fedsim.workload import WORKLOADS, Arrival, Deferred, Ingested, JobPlan, Upload, Workload
 
 Adapter = dict[str, torch.Tensor]
 CLIENT_EVAL_EXAMPLES = 100  # held-out examples per client in quality.clients_final
@@ -173,6 +174,7 @@ class LoraWorkload(Workload):
         self.heterogeneity = [label_entropy(labels, idx, n_classes) if labels is not None else 1.0
                               for idx in self.parts]
         self._last: dict[int, tuple[Adapter, Adapter]] = {}  # client -> (start, delta)
+        self._evaluating: Deferred | None = None  # a background evaluation in progress
 
     def primary_metric(self) -> str:
         return self.task.metric
@@ -286,6 +288,7 @@ class LoraWorkload(Workload):
 
     def aggregate(self, round_: int, arrivals: list[Arrival]) -> float:
         """Per family in LoRA space (the next download), then into every server model."""
+        self._settle()
         flops = 0.0
         for model, fam in self.families.items():
             results = [self._weighted(a) for a in arrivals if self.fleet.model[a.client] == model]
@@ -309,21 +312,43 @@ class LoraWorkload(Workload):
         r: ClientResult = a.update[0]
         return replace(r, weight=a.weight)
 
-    def evaluate(self, round_: int) -> dict[str, float]:
+    def evaluate(self, round_: int) -> dict[str, float] | Deferred:
         """The server model on the held-out examples (the run's primary metric; a study's
         other servers as ``<name>/<metric>``), then each family's adapter as
-        ``<model>/<metric>``. Without a server model the first family's is the primary."""
-        out: dict[str, float] = {}
-        for i, v in enumerate(self.servers.values()):
-            for k, x in v.model.evaluate(self.eval_examples).items():
-                out[f"{v.name}/{k}"] = x
-                if i == 0:
-                    out[k] = x
-        for model, fam in self.families.items():
-            for k, x in fam.trainer.evaluate(fam.adapter, self.eval_examples).items():
-                out[f"{model}/{k}"] = x
-                out.setdefault(k, x)
-        return out
+        ``<model>/<metric>``. Without a server model the first family's is the primary.
+
+        With an out-of-process executor the server models are evaluated in a background thread
+        while the next round's jobs train on the workers (the next :meth:`aggregate` waits
+        for it before it changes the weights); the numbers are the same.
+        """
+        families: dict[str, dict[str, float]] = {
+            model: fam.trainer.evaluate(fam.adapter, self.eval_examples)
+            for model, fam in self.families.items()}
+
+        def quality() -> dict[str, float]:
+            out: dict[str, float] = {}
+            for i, v in enumerate(self.servers.values()):
+                for k, x in v.model.evaluate(self.eval_examples).items():
+                    out[f"{v.name}/{k}"] = x
+                    if i == 0:
+                        out[k] = x
+            for model, metrics in families.items():
+                for k, x in metrics.items():
+                    out[f"{model}/{k}"] = x
+                    out.setdefault(k, x)
+            return out
+
+        if self.servers and self.scenario.executor.name != "inline":
+            # Inline training changes torch's thread count mid-run: evaluate in step with it.
+            self._evaluating = Deferred(quality)
+            return self._evaluating
+        return quality()
+
+    def _settle(self) -> None:
+        """Wait for a background evaluation (before the server weights change)."""
+        if self._evaluating is not None:
+            self._evaluating.result()
+            self._evaluating = None
 
     def client_metrics(self) -> dict[int, dict[str, float]]:
         """Each client's own last model (its start adapter + its last delta) on up to
@@ -379,5 +404,7 @@ class LoraWorkload(Workload):
             v.model.load_merged_weights(take(f"server/{name}"))
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):  # its error, if any, was raised to the engine
+            self._settle()
         self.families.clear()
 

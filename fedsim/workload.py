@@ -13,7 +13,8 @@ the workload (registry ``WORKLOADS``):
 - ``ingest(client, upload)``: server-side decode + projection, FLOPs of that work, and whether
   the update is accepted (a corrupt or poisoned one is not);
 - ``aggregate(round, arrivals)``: apply accepted updates to the server model, FLOPs;
-- ``evaluate(round)``: quality metrics of the server model (an observation: no simulated time).
+- ``evaluate(round)``: quality metrics of the server model (an observation: no simulated time;
+  a :class:`Deferred` when they are computed in the background).
 
 ``synthetic`` is the network-study mode: fixed sizes and FLOPs, no ML at all. It exists to sweep
 thousands of clients over network conditions; its bytes are a parameter, not an encoding.
@@ -21,7 +22,9 @@ thousands of clients over network conditions; its bytes are a parameter, not an 
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +72,31 @@ class Arrival:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class Deferred:
+    """Quality metrics computed in a background thread: evaluation is an observation (no
+    simulated time), so it may overlap the next round's jobs on the executor's workers.
+    ``result()`` waits for them."""
+
+    def __init__(self, compute: Callable[[], dict[str, float]]) -> None:
+        self._out: dict[str, float] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(compute,), daemon=True,
+                                        name="fedsim-evaluate")
+        self._thread.start()
+
+    def _run(self, compute: Callable[[], dict[str, float]]) -> None:
+        try:
+            self._out = compute()
+        except BaseException as e:  # re-raised in the caller's thread by result()
+            self._error = e
+
+    def result(self) -> dict[str, float]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
+
+
 class Workload(ABC):
     """What the engine asks of the ML side; see the module docstring."""
 
@@ -105,7 +133,7 @@ class Workload(ABC):
     @abstractmethod
     def aggregate(self, round_: int, arrivals: list[Arrival]) -> float: ...
 
-    def evaluate(self, round_: int) -> dict[str, float]:
+    def evaluate(self, round_: int) -> dict[str, float] | Deferred:
         return {}
 
     def client_metrics(self) -> dict[int, dict[str, float]]:
