@@ -105,6 +105,12 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
         f"communication    up {_fmt_bytes(comm['bytes_up'])}, down {_fmt_bytes(comm['bytes_down'])}"
         f", compression x{comm['compression_ratio']:.2f}",
     ]
+    faults = {"rejected": ov.get("rejected_updates", 0), "crashes": ov.get("crashes", 0),
+              "cell outages": ov.get("link_outages", 0),
+              "server failures": ov.get("server_failures", 0),
+              "failed jobs": ov.get("failed_jobs", 0)}
+    if any(faults.values()):  # only when something went wrong: the line names what
+        lines.insert(-1, "faults           " + ", ".join(f"{k} {v}" for k, v in faults.items()))
     q = s["quality"]
     if q["metric"] and q["server_by_round"]:
         vals = " ".join("-" if v is None else f"{v:.3f}" for v in q["server_by_round"])

@@ -77,3 +77,17 @@ def test_resume_without_a_checkpoint_exits_2(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "no checkpoint there" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "never-ran").exists()
+
+
+def test_summary_names_the_faults_only_when_there_were_some(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(GOOD)
+    r = fedsim("run", p, "--out", tmp_path / "calm")
+    assert r.returncode == 0 and "faults " not in r.stdout
+    p.write_text(GOOD + "faults: {client_crash_per_h: 3600000}\n")  # every update crashes
+    r = fedsim("run", p, "--out", tmp_path / "stormy")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("faults "))
+    summary = json.loads((tmp_path / "stormy" / "summary.json").read_text())
+    assert f"crashes {summary['overload']['crashes']}" in line
+    assert summary["overload"]["crashes"] == summary["counts"]["updates_started"] > 0
