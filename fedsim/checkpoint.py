@@ -91,15 +91,7 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return state, tensors
 
 
-# --- JSON forms of numpy state (exact: floats as repr, ints as ints) ----------------------------
-
-
-def rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    return rng.bit_generator.state
-
-
-def set_rng_state(rng: np.random.Generator, state: dict[str, Any]) -> None:
-    rng.bit_generator.state = state
+# --- JSON form of numpy arrays (exact: floats as repr, ints as ints) ----------------------------
 
 
 def array(a: np.ndarray) -> dict[str, Any]:

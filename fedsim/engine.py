@@ -314,7 +314,7 @@ class Simulation:
                     if tk.attempt:  # rebooting after a crash
                         tk.phase = "restart"
                         yield env.timeout(faults.restart_s)
-                    sent = yield from self._attempt(tk, deadline_at)
+                    sent = yield from self._attempt(tk, deadline_at, uplink)
                     break
                 except simpy.Interrupt as stop:
                     if tk.transfer is not None:
@@ -335,11 +335,10 @@ class Simulation:
         plan, upload = sent
         return (yield from self._ingest(tk, plan.num_samples, upload))
 
-    def _attempt(self, tk: Ticket, deadline_at: float | None
+    def _attempt(self, tk: Ticket, deadline_at: float | None, uplink: SharedLink | WiredLink
                  ) -> Generator[simpy.Event, None, tuple[JobPlan, Upload] | None]:
         """One try at steps 2-5: download, train, encode, upload. None: it failed."""
         c, env, wl = tk.client, self.env, self.workload
-        uplink = self.network.link(c, UPLINK)
         if not (yield from self._transfer(tk, DOWNLINK, wl.download_bytes(c))):
             return None
         trained = yield from self._train(tk)
@@ -572,7 +571,7 @@ class Simulation:
             "now": self.env.now,
             "sim_events": self.env.events_processed - self.restore_events,
             "next_round": round_ + 1,
-            "select_rng": checkpoint.rng_state(self.select_rng),
+            "select_rng": self.select_rng.bit_generator.state,
             "availability": {"on": A(av.on), "count": A(av.count),
                              "next_switch": A(av.next_switch)},
             "links": {f"{d}:{i}": lk.snapshot() for d, links in self.network.cells.items()
@@ -599,7 +598,7 @@ class Simulation:
                               "(compare its state.json 'scenario' with this one's --set)")
         env, av, F = self.env, self.availability, checkpoint.from_array
         env._now = state["now"]
-        checkpoint.set_rng_state(self.select_rng, state["select_rng"])
+        self.select_rng.bit_generator.state = state["select_rng"]
         av.on, av.count, av.next_switch = (F(state["availability"][k])
                                            for k in ("on", "count", "next_switch"))
         for name, doc in state["links"].items():

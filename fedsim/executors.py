@@ -153,10 +153,19 @@ def _run_in_worker(job: RemoteJob) -> tuple[Any, int, int]:
     return result, os.getpid(), peak_rss_bytes()
 
 
-class _PoolJob(Job):
-    def __init__(self, executor: ProcessExecutor, job: RemoteJob) -> None:
+class _RetriedJob(Job):
+    """A remote job that its executor may submit again (``attempts`` counts the tries)."""
+
+    def __init__(self, executor: Any, job: RemoteJob) -> None:
         self.executor, self.job, self.attempts = executor, job, 0
         self._submit()
+
+    @abstractmethod
+    def _submit(self) -> None: ...
+
+
+class _PoolJob(_RetriedJob):
+    executor: ProcessExecutor
 
     def _submit(self) -> None:
         self.attempts += 1
@@ -278,10 +287,8 @@ def import_ray() -> Any:
     return ray
 
 
-class _RayJob(Job):
-    def __init__(self, executor: RayExecutor, job: RemoteJob) -> None:
-        self.executor, self.job, self.attempts = executor, job, 0
-        self._submit()
+class _RayJob(_RetriedJob):
+    executor: RayExecutor
 
     def _submit(self) -> None:
         self.attempts += 1

@@ -211,6 +211,11 @@ class LoraWorkload(Workload):
     def _family(self, client: int) -> Family:
         return self.families[self.fleet.model[client]]
 
+    def _start(self, client: int) -> Adapter:
+        """The adapter ``client`` trains from: the one it downloaded (its family's now, if it
+        has not yet)."""
+        return self._downloaded.get(client, self._family(client).adapter)
+
     def _examples(self, client: int) -> list[Any]:
         return [self.task.train[i] for i in self.parts[client]]
 
@@ -229,21 +234,18 @@ class LoraWorkload(Workload):
 
     def train(self, client: int, round_: int, plan: JobPlan) -> TrainResult:
         fam = self._family(client)
-        start = self._downloaded.get(client, fam.adapter)
-        return fam.trainer.train(start, self._examples(client), plan.context,
+        return fam.trainer.train(self._start(client), self._examples(client), plan.context,
                                  job_seed(self.scenario.seed, client, round_))
 
     def remote_job(self, client: int, round_: int, plan: JobPlan) -> TrainJob:
         model = self.fleet.model[client]
-        return TrainJob(self.family_keys[model],
-                        self._downloaded.get(client, self.families[model].adapter),
+        return TrainJob(self.family_keys[model], self._start(client),
                         tuple(int(i) for i in self.parts[client]), plan.context,
                         job_seed(self.scenario.seed, client, round_))
 
     def encode(self, client: int, round_: int, update: TrainResult, rate_bps: float,
                time_left_s: float | None) -> Upload:
-        self._last[client] = (self._downloaded.get(client, self._family(client).adapter),
-                              update.delta)
+        self._last[client] = (self._start(client), update.delta)
         rng = np.random.default_rng(job_seed(self.scenario.seed, client, round_))
         delta = update.delta
         threat = self.scenario.clients[int(self.fleet.group[client])].attack
@@ -253,8 +255,7 @@ class LoraWorkload(Workload):
                                     rate_bps=rate_bps, time_left_s=time_left_s)
         err = codecs.relative_error(delta, codecs.decode(payload))
         sent = Sent(self.fleet.model[client], update.num_samples,
-                    update.loss_before - update.loss_after, payload,
-                    self._downloaded.get(client, self._family(client).adapter))
+                    update.loss_before - update.loss_after, payload, self._start(client))
         return Upload(nbytes=len(payload), raw_bytes=codecs.raw_bytes(delta),
                       codec=payload.describe(), rel_error=err, payload=sent)
 

@@ -39,12 +39,20 @@ class Registry(Generic[T]):
 
         return decorate
 
+    def _unknown(self, name: str) -> str:
+        return f"unknown {self.family} {name!r}; known: {', '.join(sorted(self._entries))}"
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]
         except KeyError:
-            known = ", ".join(sorted(self._entries))
-            raise FedsimError(f"unknown {self.family} {name!r}; known: {known}") from None
+            raise FedsimError(self._unknown(name)) from None
+
+    def require(self, name: str) -> str:
+        """``name`` if registered, else ValueError (what a pydantic validator raises)."""
+        if name not in self._entries:
+            raise ValueError(self._unknown(name))
+        return name
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -75,9 +75,7 @@ class AttackConfig(Config):
     def _known(cls, v: str) -> str:
         from fedsim.attacks import ATTACKS
 
-        if v not in ATTACKS:
-            raise ValueError(f"unknown attack {v!r}; known: {', '.join(ATTACKS)}")
-        return v
+        return ATTACKS.require(v)
 
 
 class ClientGroup(Config):
@@ -145,9 +143,7 @@ class ChannelConfig(Config):
     def _known(cls, v: str) -> str:
         from fedsim.channels import CHANNELS
 
-        if v not in CHANNELS:
-            raise ValueError(f"unknown channel {v!r}; known: {', '.join(CHANNELS.names())}")
-        return v
+        return CHANNELS.require(v)
 
     @model_validator(mode="after")
     def _trace_needs_path(self) -> ChannelConfig:
@@ -264,9 +260,7 @@ class RoundPolicyConfig(Config):
     def _known(cls, v: str) -> str:
         from fedsim.engine import ROUND_POLICIES
 
-        if v not in ROUND_POLICIES:
-            raise ValueError(f"unknown round policy {v!r}; known: {', '.join(ROUND_POLICIES)}")
-        return v
+        return ROUND_POLICIES.require(v)
 
     @model_validator(mode="after")
     def _deadline_needs_time(self) -> RoundPolicyConfig:
@@ -316,9 +310,7 @@ class ExecutorConfig(Config):
     def _known(cls, v: str) -> str:
         from fedsim.executors import EXECUTORS
 
-        if v not in EXECUTORS:
-            raise ValueError(f"unknown executor {v!r}; known: {', '.join(EXECUTORS)}")
-        return v
+        return EXECUTORS.require(v)
 
     @model_validator(mode="after")
     def _address_for_ray(self) -> ExecutorConfig:
