@@ -19,15 +19,13 @@ checkpointed: their updates overlap the aggregations, so no instant has nothing 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedsim.atomic import atomic_dir
 from fedsim.errors import FedsimError
 
 CHECKPOINTS = "checkpoints"
@@ -46,23 +44,12 @@ def save(run_dir: str | Path, round_: int, state: dict[str, Any], tensors: dict[
     """Write the checkpoint of the boundary after ``round_`` atomically; return its path."""
     from safetensors.torch import save_file
 
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"round-{round_:05d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    final = checkpoint_dir(run_dir) / f"round-{round_:05d}"
+    # A rerun of the same boundary replaces it whole; fsync: a checkpoint must survive a crash.
+    with atomic_dir(final, replace=True, fsync=True) as tmp:
         doc = {"format": FORMAT, "round": round_, **state}
         (tmp / STATE).write_text(json.dumps(doc, allow_nan=True), encoding="utf-8")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
-        for path in (tmp / STATE, tmp / TENSORS):
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        if final.exists():  # a rerun of the same boundary: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -9,12 +9,10 @@ place only once complete, so a run directory that exists is a finished one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.atomic import atomic_dir
 from fedsim.errors import FedsimError
 
 PHASES = ("download", "compute", "queue", "upload", "server", "round")
@@ -142,13 +141,14 @@ def summary_json(summary: dict[str, Any]) -> str:
 def write_run_dir(result: RunResult, out_dir: str | Path) -> Path:
     """Write the run directory atomically; an existing one is replaced only once complete."""
     out = Path(out_dir)
-    parent = out.parent
+    # Entered apart from the body so that only a directory we cannot create is a user error
+    # (the ExitStack idiom for catching exceptions from __enter__ alone).
+    stack = contextlib.ExitStack()
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        tmp = stack.enter_context(atomic_dir(out))
     except OSError as e:
         raise FedsimError(f"--out: cannot create {out}: {e}") from None
-    try:
+    with stack:
         (tmp / "plots").mkdir()
         files = {
             "scenario.yaml": result.scenario_yaml,
@@ -161,22 +161,7 @@ def write_run_dir(result: RunResult, out_dir: str | Path) -> Path:
         }
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an old ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 
+from fedsim.atomic import atomic_dir
 from fedsim.errors import FedsimError
 from fedsim.registry import Registry
 
@@ -91,18 +92,9 @@ def _prepare(target: Path, build: Callable[[Path], Any]) -> Path:
     """
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, replace=False) as tmp:  # a concurrent build that won stands
         build(tmp)
         tmp.chmod(0o755)  # mkdtemp made it private; the cache may be shared
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():  # else a concurrent build won the race: use its result
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # already gone after a successful rename
     return target
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
+from fedsim.atomic import atomic_file
 from fedsim.devices import PROFILES
 from fedsim.errors import FedsimError
 
@@ -203,17 +202,9 @@ def _figure(width: float = 8.0, height: float = 5.0) -> Figure:
 
 def _save(fig: Figure, directory: Path, name: str) -> Path:
     """Write ``directory/plots/name`` atomically (temp file + rename); return its path."""
-    plots = directory / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    path = plots / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=plots)
-    os.close(fd)
-    try:
+    path = directory / "plots" / name
+    with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -31,9 +31,7 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fedsim.atomic import atomic_file
 from fedsim.errors import FedsimError
 from fedsim.models import cache_dir
 from fedsim.registry import Registry
@@ -698,14 +697,8 @@ def _save_maps(path: Path, maps: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     tensors = {}
     for name, (p_out, q_in) in maps.items():
         tensors[f"P_out:{name}"], tensors[f"Q_in:{name}"] = p_out.contiguous(), q_in.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"pairs": _pairs_tag(pairs)})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"pairs": _pairs_tag(pairs)})
 
 
 def _load_maps(path: Path, pairs: Sequence[ModulePair]

@@ -35,11 +35,9 @@ import itertools
 import json
 import math
 import multiprocessing
-import os
 import re
 import shutil
 import sys
-import tempfile
 import traceback
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -49,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from fedsim.atomic import atomic_file
 from fedsim.errors import FedsimError
 from fedsim.scenario import ScenarioError, apply_override, load
 
@@ -250,14 +249,8 @@ def flatten_summary(summary: dict[str, Any]) -> dict[str, float | int]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
 
 
 def csv_columns(rows: Sequence[dict[str, Any]], swept: Sequence[str]) -> list[str]:
