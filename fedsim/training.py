@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, TaskType, get_peft_model
 from rouge_score import rouge_scorer
+from sklearn.metrics import confusion_matrix, f1_score
 
 from fedsim.data import Example
 from fedsim.errors import FedsimError
@@ -156,26 +157,14 @@ def peak_memory_bytes(total_params: int, trainable_params: int, batch: int, seq_
     return round(states + activations + logits)
 
 
-def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
-    """Counts ``[true, predicted]`` as an int64 (num_classes, num_classes) array."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
-    return matrix
-
-
-def macro_f1(confusion: np.ndarray) -> float:
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     """Unweighted mean over classes of F1 = 2TP / (2TP + FP + FN).
 
-    Classes absent from both truth and predictions are left out (as scikit-learn does by
-    default); a class predicted but never true, or true but never predicted, scores 0.
+    Classes absent from both truth and predictions are left out: no ``labels``, so scikit-learn
+    averages over the labels seen in either. A class predicted but never true, or true but never
+    predicted, scores 0 (``zero_division=0`` also keeps it from warning).
     """
-    tp = np.diag(confusion).astype(np.float64)
-    fp = confusion.sum(axis=0) - tp
-    fn = confusion.sum(axis=1) - tp
-    present = (tp + fp + fn) > 0
-    if not present.any():
-        return 0.0
-    return float(np.mean(2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])))
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
 def adapter_bytes(adapter: dict[str, torch.Tensor]) -> int:
@@ -553,9 +542,9 @@ class FamilyTrainer:
             predicted += self.model(**batch).logits.argmax(-1).tolist()
         truth = [e.label for e in examples]
         classes = self.num_classes or len(examples[0].choices or ())
-        confusion = confusion_matrix(truth, predicted, classes)
+        confusion = confusion_matrix(truth, predicted, labels=range(classes))
         return metrics | {"accuracy": float(np.trace(confusion) / len(examples)),
-                          "macro_f1": macro_f1(confusion)}
+                          "macro_f1": macro_f1(truth, predicted)}
 
     def _generation_metrics(self, examples: Sequence[Example]) -> dict[str, float]:
         tok, size = self.tokenizer, self.cfg.batch_size
