@@ -17,12 +17,15 @@ the clients' evaluation: same tokenization, same metrics, for every task type.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
 
 from fedsim.aggregators import Aggregator, ClientResult, Delta
 from fedsim.data import Example
@@ -57,32 +60,47 @@ def _param_key(name: str) -> str | None:
 def fit_logistic_regression(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                             l2: float = 1e-3, max_iter: int = 200, bias: bool = True
                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Multinomial logistic regression, W (classes × d) and b, by L-BFGS in float64.
+    """Multinomial logistic regression, W (classes × d) and b: scikit-learn's L-BFGS in float64.
 
-    Features are standardized for the fit (``l2`` applies to the standardized weights) and the
-    result is folded back onto raw features; without ``bias`` they are only scaled.
-    Deterministic: full batch, a fixed iteration budget.
+    It minimizes mean cross-entropy + ``l2``·‖W‖² on standardized features (``l2`` applies to
+    the standardized weights); the result is folded back onto raw features, and without
+    ``bias`` they are only scaled. Deterministic: full batch, at most ``max_iter`` iterations.
     """
     x = features.to(torch.float64)
     mean = x.mean(0) if bias else torch.zeros(x.shape[1], dtype=torch.float64)
     scale = (x - mean).pow(2).mean(0).sqrt().clamp_min(1e-8)
-    z, y = (x - mean) / scale, labels.to(torch.long)
-    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=bias)
-    params = [w, b] if bias else [w]
-    with torch.enable_grad():
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
-                                tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    z = ((x - mean) / scale).numpy()
+    w, b = _fit_standardized(z, labels.numpy(), num_classes, l2, max_iter, bias)
+    w_raw = (torch.from_numpy(w) / scale).float()
+    return w_raw, ((torch.from_numpy(b) - w_raw.double() @ mean).float() if bias else None)
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = F.cross_entropy(z @ w.T + b, y) + l2 * w.pow(2).sum()
-            loss.backward()
-            return loss
 
-        opt.step(closure)
-    w_raw = (w.detach() / scale).float()
-    return w_raw, ((b.detach() - w_raw.double() @ mean).float() if bias else None)
+def _fit_standardized(z: np.ndarray, y: np.ndarray, num_classes: int, l2: float, max_iter: int,
+                      bias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Rows 0..num_classes-1 of W and b (b centred: softmax ignores a common shift).
+
+    scikit-learn minimizes ½‖W‖² + C·Σ CE, i.e. mean CE + ‖W‖²/(2·C·n): C = 1/(2·l2·n). Two
+    classes it fits as one vector v, whose softmax rows are ∓v/2 (the penalized optimum is
+    symmetric), so ‖W‖² = ‖v‖²/2 and C = 1/(l2·n). A class absent from ``y`` keeps a zero row:
+    the fitted rows sum to zero, so it never scores above every seen class; with fewer than two
+    seen classes there is nothing to separate and every row stays zero.
+    """
+    w, b = np.zeros((num_classes, z.shape[1])), np.zeros(num_classes)
+    seen = np.unique(y)
+    if len(seen) < 2:
+        return w, b
+    binary = len(seen) == 2
+    model = LogisticRegression(C=1.0 / ((1 if binary else 2) * l2 * len(y)), fit_intercept=bias,
+                               solver="lbfgs", max_iter=max_iter, tol=1e-9)
+    with warnings.catch_warnings():  # an exhausted iteration budget is the contract, not a fault
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(z, y)
+    coef = model.coef_
+    intercept = np.broadcast_to(model.intercept_, (len(coef),)).astype(np.float64)
+    if binary:
+        coef, intercept = np.vstack([-coef[0], coef[0]]) / 2, np.array([-1.0, 1.0]) * intercept / 2
+    w[seen], b[seen] = coef, intercept - intercept.mean()
+    return w, b
 
 
 @dataclass
