@@ -29,12 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from fedsim.errors import FedsimError
-from fedsim.registry import Registry
-from fedsim.scenario import AggregationConfig
+from fedsim.plugins import AGGREGATORS, AggregatorConfig
 
 Delta = dict[str, torch.Tensor]
 
-AGGREGATORS: Registry[type[Aggregator]] = Registry("aggregator")
 
 
 @dataclass(frozen=True)
@@ -171,7 +169,7 @@ def coordinate_median(deltas: list[Delta]) -> Delta:
 class Aggregator(ABC):
     name: str
 
-    def __init__(self, cfg: AggregationConfig) -> None:
+    def __init__(self, cfg: AggregatorConfig) -> None:
         self.cfg = cfg
         self.reference: Mapping[str, torch.Tensor] | None = None
 
@@ -256,8 +254,5 @@ class Median(Aggregator):
         return coordinate_median([r.delta for r in results])
 
 
-def make_aggregator(cfg: AggregationConfig) -> Aggregator:
-    if cfg.name not in AGGREGATORS:
-        raise FedsimError(f"aggregation.name: unknown aggregator {cfg.name!r}; "
-                          f"known: {', '.join(AGGREGATORS.names())}")
+def make_aggregator(cfg: AggregatorConfig) -> Aggregator:
     return AGGREGATORS.get(cfg.name)(cfg)

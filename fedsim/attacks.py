@@ -15,12 +15,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from fedsim.registry import Registry
+from fedsim.plugins import ATTACKS
 
 Delta = dict[str, torch.Tensor]
 Attack = Callable[[Delta, float, np.random.Generator], Delta]
 
-ATTACKS: Registry[Attack] = Registry("attack")
 
 
 @ATTACKS.register("scale")

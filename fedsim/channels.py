@@ -33,16 +33,15 @@ import simpy
 
 from fedsim.devices import Fleet
 from fedsim.errors import FedsimError
-from fedsim.registry import Registry
+from fedsim.plugins import CHANNELS, ChannelConfig
 from fedsim.rng import hashed_exponential, hashed_uniform_one
-from fedsim.scenario import CellConfig, ChannelConfig
+from fedsim.scenario import CellConfig
 
 THERMAL_NOISE_DBM_PER_HZ = -174.0  # kT at 290 K
 UPLINK, DOWNLINK = "uplink", "downlink"
 BS_NOISE_FIGURE_DB = 5.0  # 3GPP TR 36.814 Table A.2.1.1-2 (eNB noise figure 5 dB)
 BS_ANTENNA_GAIN_DBI = 15.0  # 3GPP TR 36.814 Table A.2.1.1-2 (macro sector antenna 14-15 dBi)
 
-CHANNELS: Registry[type[Channel]] = Registry("channel")
 
 
 def pathloss_db(distance_m: np.ndarray) -> np.ndarray:

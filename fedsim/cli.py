@@ -124,6 +124,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     sc = load(args.scenario, args.overrides)
     print(f"{args.scenario}: valid ({sc.num_clients} clients, {sc.rounds} rounds)")
+    for note in sc.notes():
+        print(f"note: {note}")
     return 0
 
 

@@ -47,7 +47,6 @@ and size_bytes <= max_bytes (when set); the header names the chosen setting, so
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import math
@@ -62,7 +61,7 @@ import numpy as np
 import torch
 
 from fedsim.errors import FedsimError
-from fedsim.registry import Registry
+from fedsim.plugins import CODECS, CodecConfig
 
 MAGIC = b"FSCD"
 VERSION = 1
@@ -76,7 +75,6 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64:
 _DTYPE_OF = {code: dtype for dtype, code in _DTYPES.items()}
 
 Shapes = Mapping[str, tuple[int, ...]]
-CODECS: Registry[type[Codec]] = Registry("codec")
 
 
 class PayloadError(ValueError):
@@ -791,9 +789,6 @@ class Adaptive(Codec):
         return chosen
 
 
-def from_config(cfg: Any) -> Codec:
-    """The codec a ``CompressionConfig``-like object names (``cfg.codec``), with the settings
-    its constructor takes read from the config's fields of the same names."""
-    cls = CODECS.get(cfg.codec)
-    keys = inspect.signature(cls).parameters
-    return cls(**{k: getattr(cfg, k) for k in keys if hasattr(cfg, k)})
+def from_config(cfg: CodecConfig) -> Codec:
+    """The codec ``cfg`` names (``cfg.codec``), built with its options."""
+    return CODECS.get(cfg.codec)(**cfg.options())

@@ -21,7 +21,7 @@ from pathlib import Path
 from fedsim.engine import RunResult, Simulation
 from fedsim.errors import FedsimError
 from fedsim.federation import LoraWorkload
-from fedsim.projection import PROJECTORS
+from fedsim.plugins import AGGREGATORS, PROJECTORS
 from fedsim.scenario import Scenario
 
 START = "start"  # the variant name of the server before any update
@@ -79,7 +79,7 @@ def compare(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float = 0.0
     ``lars_eta``: η of the LARS variants (each tensor's step has norm η·||W||, so η must be
     small); the others use ``scenario.aggregation.eta``.
     """
-    if scenario.workload.name != "real" or scenario.server.model is None:
+    if not scenario.workload.trains_models or scenario.server.model is None:
         raise FedsimError("compare needs workload.name=real and a server.model")
     if not chosen:
         raise FedsimError("compare: no variants to compare")
@@ -87,14 +87,19 @@ def compare(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float = 0.0
     wl = sim.workload
     assert isinstance(wl, LoraWorkload)
     wl.servers.clear()  # the scenario's own server is replaced by the variants
-    agg = scenario.aggregation
+    agg, transfer = scenario.aggregation, scenario.transfer
+    own = transfer.projector
+    if any(v.lars for v in chosen) and "lars" not in type(agg).model_fields:
+        raise FedsimError(f"--lars: aggregator {agg.name!r} has no LARS; use --lars off or "
+                          f"--set aggregation.name={', '.join(AGGREGATORS.taking('lars'))}")
     for v in chosen:
-        cfg = agg.model_copy(update={"projector": v.projector, "lars": v.lars,
-                                     "eta": lars_eta if v.lars else agg.eta})
-        wl.add_server(v.name, v.projector, cfg)
-    first = next(iter(wl.servers.values()))
+        # A variant of the scenario's own projector keeps its options; others their defaults.
+        projector = own if v.projector == own.name else PROJECTORS.parse({"name": v.projector})
+        cfg = agg.model_copy(update={"lars": v.lars, "eta": lars_eta if v.lars else agg.eta}
+                             ) if v.lars else agg
+        wl.add_server(v.name, transfer.model_copy(update={"projector": projector}), cfg)
     metric = wl.primary_metric()
-    start = first.model.evaluate(wl.eval_examples)[metric]
+    start = wl.evaluate_servers()[metric]  # every variant starts from the same model
     try:
         result = sim.run(progress)
     finally:

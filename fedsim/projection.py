@@ -47,7 +47,7 @@ from torch import nn
 from fedsim.atomic import atomic_file
 from fedsim.errors import FedsimError
 from fedsim.models import cache_dir
-from fedsim.registry import Registry
+from fedsim.plugins import PROJECTORS
 from fedsim.training import ROLES, role_of
 
 HEAD = "head"
@@ -522,7 +522,6 @@ class Projector(ABC):
         return p_out @ delta @ q_in if delta.dim() == 2 else p_out @ delta
 
 
-PROJECTORS: Registry[type[Projector]] = Registry("projector")
 
 
 def _identity_head(pair: ModulePair) -> torch.Tensor:

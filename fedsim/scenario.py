@@ -13,17 +13,42 @@ from __future__ import annotations
 
 import re
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 
 from fedsim.errors import FedsimError
-
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+from fedsim.plugins import (
+    AGGREGATORS,
+    ATTACKS,
+    CHANNELS,
+    CODECS,
+    DATASETS,
+    EXECUTORS,
+    PARTITIONERS,
+    ROUND_POLICIES,
+    TRANSFERS,
+    WORKLOADS,
+    Config,
+    DirichletPartitionConfig,
+    FedAvgConfig,
+    InlineExecutorConfig,
+    NoneCodecConfig,
+    NonNegFloat,
+    PluginConfig,
+    PositiveFloat,
+    Probability,
+    ProjectionTransferConfig,
+    RealWorkloadConfig,
+    StaticChannelConfig,
+    SyncRoundsConfig,
+    check_model_name,
+    model_note,
+)
+from fedsim.registry import Registry
 
 
 class ScenarioError(FedsimError):
@@ -32,12 +57,6 @@ class ScenarioError(FedsimError):
     def __init__(self, errors: list[str], source: str = "scenario") -> None:
         self.errors = errors
         super().__init__(f"{source}: invalid scenario\n" + "\n".join(f"  {e}" for e in errors))
-
-
-class Config(BaseModel):
-    """Base of every config: frozen, unknown keys rejected, NaN/inf rejected."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- devices -------------------------------------------------------------------------------
@@ -64,20 +83,6 @@ class DeviceOverrides(Config):
         return v
 
 
-class AttackConfig(Config):
-    """What a malicious group sends instead of its honest update (``fedsim.attacks``)."""
-
-    kind: str  # scale | sign-flip | random
-    factor: PositiveFloat = 10.0  # scale: x factor; sign-flip: x -factor; random: factor x norm
-
-    @field_validator("kind")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from fedsim.attacks import ATTACKS
-
-        return ATTACKS.require(v)
-
-
 class ClientGroup(Config):
     """``count`` clients of one device ``profile`` training ``model`` (same model family)."""
 
@@ -89,7 +94,7 @@ class ClientGroup(Config):
     overrides: DeviceOverrides = DeviceOverrides()
     # Per-client lognormal spread (sigma of ln) around the preset, per numeric field.
     spread: dict[str, NonNegFloat] = Field(default_factory=dict)
-    attack: AttackConfig | None = None  # set: every client of the group is malicious
+    attack: ATTACKS.union() | None = None  # set: every client of the group is malicious
 
     @field_validator("profile")
     @classmethod
@@ -126,34 +131,8 @@ class CellConfig(Config):
     downlink_rate_bps: PositiveFloat = 200e6  # Ookla global median 5G download, ~200 Mbps
 
 
-class ChannelConfig(Config):
-    """The channel model (a registry name) and its parameters; see ``fedsim.channels``."""
-
-    name: str = "static"
-    # pathloss: 128.1 + 37.6 log10(d_km) dB (3GPP TR 36.814 macro), lognormal shadowing.
-    shadowing_sigma_db: NonNegFloat = 8.0
-    fading: bool = True  # Rayleigh block fading, redrawn every coherence time
-    coherence_time_s: PositiveFloat = 0.05
-    outage_snr_db: float = Field(default=-5.0, ge=-50, le=50)
-    # trace: CSV with columns time_s,uplink_bps,downlink_bps (optionally a `client` column).
-    trace_path: str | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from fedsim.channels import CHANNELS
-
-        return CHANNELS.require(v)
-
-    @model_validator(mode="after")
-    def _trace_needs_path(self) -> ChannelConfig:
-        if self.name == "trace" and not self.trace_path:
-            raise ValueError("channel 'trace' needs trace_path")
-        return self
-
-
 class NetworkConfig(Config):
-    channel: ChannelConfig = ChannelConfig()
+    channel: CHANNELS.union("static") = StaticChannelConfig()
     cells: list[CellConfig] = Field(default_factory=lambda: [CellConfig()], min_length=1)
 
 
@@ -176,30 +155,25 @@ class ServerConfig(Config):
     wired_rate_bps: PositiveFloat = 10e9  # datacenter NIC
 
 
-class WorkloadConfig(Config):
-    """``real``: real LoRA training; ``synthetic``: the network-study mode (no ML at all)."""
-
-    name: Literal["real", "synthetic"] = "real"
-    # synthetic: every update is update_bytes on the wire; training costs flops_per_step each.
-    update_bytes: int = Field(default=1_000_000, ge=1)
-    download_bytes: int = Field(default=1_000_000, ge=0)
-    flops_per_step: PositiveFloat = 1e11
-    server_flops_per_update: NonNegFloat = 1e9
-
-
-class PartitionConfig(Config):
-    name: str = "dirichlet"
-    alpha: PositiveFloat = 0.5  # dirichlet concentration (smaller = more label skew)
-    exponent: PositiveFloat = 1.5  # quantity skew power law
-    min_size: int = Field(default=2, ge=1)
-
-
 class TaskConfig(Config):
     dataset: str = "bbc-news"
     kind: Literal["classification", "multiple-choice", "generation"] = "classification"
-    partition: PartitionConfig = PartitionConfig()
+    partition: PARTITIONERS.union("dirichlet") = DirichletPartitionConfig()
     max_train_examples: int | None = Field(default=None, ge=1)
     eval_examples: int = Field(default=200, ge=1)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        return DATASETS.require(v)
+
+    @model_validator(mode="after")
+    def _dataset_has_kind(self) -> TaskConfig:
+        tasks = DATASETS.get(self.dataset).tasks
+        if self.kind not in tasks:
+            raise ValueError(f"kind: dataset {self.dataset!r} has no task {self.kind!r}; its "
+                             f"tasks: {', '.join(tasks)}")
+        return self
 
 
 class LoraConfig(Config):
@@ -222,53 +196,6 @@ class TrainingConfig(Config):
     quality_eval: bool = False
 
 
-class CompressionConfig(Config):
-    codec: str = "none"
-    bits: int = 8
-    ratio: Probability = 0.01
-    rank: int = Field(default=2, ge=1)
-    safety_margin: Probability = 0.8
-    max_bytes: int | None = Field(default=None, ge=1)
-
-
-class AggregationConfig(Config):
-    name: str = "fedavg"
-    eta: PositiveFloat = 1.0
-    lars: bool = False
-    quality: Literal["none", "loss-improvement"] = "loss-improvement"
-    heterogeneity: Literal["none", "samples", "label-entropy"] = "samples"
-    projector: str = "lstsq"
-    trim_ratio: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
-    clip_norm: PositiveFloat = 1.0
-    # An update whose L2 norm (all its tensors) exceeds this is quarantined at ingest: recorded
-    # as rejected, never aggregated. null: no limit (NaN/Inf updates are always quarantined).
-    max_update_norm: PositiveFloat | None = None
-
-
-class RoundPolicyConfig(Config):
-    """How rounds close: ``sync`` (all arrive), ``deadline`` (time's up), ``async`` (FedBuff)."""
-
-    name: str = "sync"
-    clients_per_round: int | None = Field(default=None, ge=1)  # None: every available client
-    deadline_s: PositiveFloat | None = None
-    buffer_size: int = Field(default=10, ge=1)  # async: aggregate every M arrivals
-    concurrency: int = Field(default=20, ge=1)  # async: clients training at once
-    staleness_exponent: NonNegFloat = 0.5  # async weight (1 + staleness)^-a (FedBuff)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from fedsim.engine import ROUND_POLICIES
-
-        return ROUND_POLICIES.require(v)
-
-    @model_validator(mode="after")
-    def _deadline_needs_time(self) -> RoundPolicyConfig:
-        if self.name == "deadline" and self.deadline_s is None:
-            raise ValueError("round policy 'deadline' needs deadline_s")
-        return self
-
-
 class FaultsConfig(Config):
     """Faults of the simulated world, each a Poisson process (rates per hour of simulated
     time; 0 turns a fault off). Every fault is an event in events.csv."""
@@ -289,34 +216,6 @@ class FaultsConfig(Config):
     server_failure_per_h: NonNegFloat = 0.0
     server_repair_s: PositiveFloat = 60.0
     on_server_failure: Literal["drop", "requeue"] = "requeue"
-
-
-class ExecutorConfig(Config):
-    """Where training jobs run (``fedsim.executors``): ``inline`` (here), ``process`` (a local
-    pool of ``workers``) or ``ray`` (``workers`` actors; ``address: auto`` joins a running
-    cluster, none starts a local one)."""
-
-    name: str = "inline"
-    workers: int = Field(default=2, ge=1, le=1024)
-    address: str | None = None
-    # torch threads of every training job, wherever it runs: a float sum's order depends on
-    # the thread count, so fixing it keeps results bit-identical across executors.
-    threads_per_job: int = Field(default=1, ge=1, le=256)
-    max_retries: int = Field(default=1, ge=0, le=10)  # resubmissions after a worker dies
-    job_timeout_s: float | None = Field(default=None, gt=0)  # wall seconds; None: no limit
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from fedsim.executors import EXECUTORS
-
-        return EXECUTORS.require(v)
-
-    @model_validator(mode="after")
-    def _address_for_ray(self) -> ExecutorConfig:
-        if self.address is not None and self.name != "ray":
-            raise ValueError(f"address is for the ray executor, not {self.name!r}")
-        return self
 
 
 class OutputConfig(Config):
@@ -342,25 +241,57 @@ class Scenario(Config):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     rounds: int = Field(ge=1, le=1_000_000)
-    workload: WorkloadConfig = WorkloadConfig()
+    workload: WORKLOADS.union("real") = RealWorkloadConfig()
     clients: list[ClientGroup] = Field(min_length=1)
     server: ServerConfig = ServerConfig()
     network: NetworkConfig = NetworkConfig()
     task: TaskConfig = TaskConfig()
     training: TrainingConfig = TrainingConfig()
-    compression: CompressionConfig = CompressionConfig()
-    aggregation: AggregationConfig = AggregationConfig()
-    round_policy: RoundPolicyConfig = RoundPolicyConfig()
-    executor: ExecutorConfig = ExecutorConfig()
+    compression: CODECS.union("none") = NoneCodecConfig()
+    aggregation: AGGREGATORS.union("fedavg") = FedAvgConfig()
+    transfer: TRANSFERS.union("projection") = ProjectionTransferConfig()
+    round_policy: ROUND_POLICIES.union("sync") = SyncRoundsConfig()
+    executor: EXECUTORS.union("inline") = InlineExecutorConfig()
     faults: FaultsConfig = FaultsConfig()
     output: OutputConfig = OutputConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, doc: Any) -> Any:
+        """Keys of earlier versions, read at their new place (see ``MOVED``)."""
+        return migrate(doc)
+
     @model_validator(mode="after")
     def _checkpoints_need_rounds(self) -> Scenario:
-        if self.output.checkpoint_every and self.round_policy.name == "async":
-            raise ValueError("output.checkpoint_every: async runs cannot be checkpointed (their "
-                             "updates overlap every aggregation; use sync or deadline rounds)")
+        if self.output.checkpoint_every and not self.round_policy.checkpoints:
+            raise ValueError(f"output.checkpoint_every: {self.round_policy.name} rounds cannot "
+                             "be checkpointed (their updates overlap every aggregation; use "
+                             "sync or deadline rounds)")
         return self
+
+    @model_validator(mode="after")
+    def _models_exist(self) -> Scenario:
+        if not self.workload.trains_models:
+            return self  # the synthetic workload loads no model
+        errors = []
+        named = [(f"clients.{i}.model", g.model) for i, g in enumerate(self.clients)]
+        if self.server.model is not None:
+            named.append(("server.model", self.server.model))
+        for where, name in named:
+            try:
+                check_model_name(name)
+            except ValueError as e:
+                errors.append(f"{where}: {e}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def notes(self) -> list[str]:
+        """What a user should know before running it (a model that needs network)."""
+        if not self.workload.trains_models:
+            return []
+        names = [g.model for g in self.clients] + [self.server.model or ""]
+        return [n for name in dict.fromkeys(names) if name and (n := model_note(name))]
 
     @model_validator(mode="after")
     def _cells_exist(self) -> Scenario:
@@ -382,15 +313,120 @@ class Scenario(Config):
 
 # --- loading and overrides -------------------------------------------------------------------
 
+# Keys of earlier versions and where they live now: still read, at their new place.
+MOVED = {"aggregation.projector": "transfer.projector"}
+
+
+def migrate(doc: Any) -> Any:
+    """``doc`` with every key of ``MOVED`` at its new place (a copy; the new key wins)."""
+    if not isinstance(doc, dict):
+        return doc
+    doc = dict(doc)
+    for old, new in MOVED.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        section = doc.get(osec)
+        if not isinstance(section, dict) or okey not in section:
+            continue
+        doc[osec] = {k: v for k, v in section.items() if k != okey}
+        target = doc.get(nsec)
+        target = dict(target) if isinstance(target, dict) else {}
+        target.setdefault(nkey, section[okey])
+        doc[nsec] = target
+    return doc
+
+
+def _strip(tp: Any) -> Any:
+    """``tp`` without ``Annotated`` metadata and without ``None`` in a union."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+            continue
+        if get_origin(tp) in (Union, UnionType):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) == 1:
+                tp = args[0]
+                continue
+        return tp
+
+
+def _models(tp: Any) -> list[type[BaseModel]] | None:
+    """The config classes a field of type ``tp`` can hold (several for a plug-in union)."""
+    tp = _strip(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [tp]
+    if get_origin(tp) in (Union, UnionType):
+        found = [m for a in get_args(tp) for m in (_models(a) or [])]
+        return found or None
+    return None
+
+
+def _plugin(tp: Any) -> Registry[Any] | None:
+    """The registry whose entries a field of type ``tp`` names, if it is a plug-in section."""
+    members = _models(tp)
+    if members and all(issubclass(m, PluginConfig) for m in members):
+        return members[0].registry  # type: ignore[attr-defined]
+    return None
+
+
+def _child(tp: Any, part: str) -> tuple[Any, str | None]:
+    """The type at key ``part`` inside a value of type ``tp``, or (None, why not)."""
+    members = _models(tp)
+    if members is not None:
+        having = [m for m in members if part in m.model_fields]
+        if not having:
+            return None, "no such key"
+        return having[0].model_fields[part].annotation, None
+    tp = _strip(tp)
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is list:
+        return (args[0], None) if part.isdigit() else (None, f"list index expected, got {part!r}")
+    if origin is dict:
+        return args[1], None
+    return None, "not a mapping"
+
+
+_KEYED = re.compile(r"^([a-z_][a-z0-9_]*): ")
+
+
+def _plural(family: str) -> str:
+    return family[:-1] + "ies" if family.endswith("y") else family + "s"
+
 
 def _format_errors(err: ValidationError) -> list[str]:
+    """Each error as ``path.to.key: message``, the union tags pydantic puts in the path left
+    out (``compression.qsgd.rank`` is ``compression.rank``) and plug-in errors said plainly."""
     out = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
+        tp: Any = Scenario
+        path: list[str] = []
+        entry: tuple[Registry[Any], str] | None = None  # the plug-in entry the key is in
+        for part in (str(p) for p in e["loc"]):
+            reg = _plugin(tp) if tp is not None else None
+            if reg is not None and part in reg.names() and len(_models(tp) or []) > 1:
+                entry, tp = (reg, part), reg.config(part)
+                continue
+            tp, _ = _child(tp, part) if tp is not None else (None, None)
+            path.append(part)
         msg = e["msg"].removeprefix("Value error, ")
+        reg = _plugin(tp) if tp is not None else None
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        out.append(f"{path}: {msg}" if path else msg)
+            if entry is not None and len(path) and entry[0].key != path[-1]:
+                family, takers = entry[0].family, entry[0].taking(path[-1])
+                msg = f"not an option of {family} {entry[1]!r}" + (
+                    f"; {_plural(family)} that take it: {', '.join(takers)}" if takers else "")
+        elif e["type"] == "union_tag_invalid" and reg is not None:
+            path.append(reg.key)
+            msg = reg._unknown(e["ctx"]["tag"])
+        elif e["type"] == "union_tag_not_found" and reg is not None:
+            path.append(reg.key)
+            msg = f"required: the {reg.family} (one of {', '.join(reg.names())})"
+        where = ".".join(path)
+        for m in msg.split("\n"):
+            # A section's own rule names its key first ("kind: ..."): one path for both.
+            key = _KEYED.match(m)
+            sep = "." if where and key and _child(tp, key.group(1))[1] is None else ": "
+            out.append(f"{where}{sep}{m}" if where else m)
     return out
 
 
@@ -402,38 +438,28 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _field_exists(model: type[BaseModel], parts: list[str]) -> str | None:
+def _field_exists(parts: list[str]) -> str | None:
     """Why the dotted path does not name a scenario field, or None when it does."""
-    current: Any = model
+    tp: Any = Scenario
     for depth, part in enumerate(parts):
         where = ".".join(parts[: depth + 1])
-        origin = getattr(current, "__origin__", None)
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            if part not in current.model_fields:
-                return f"{where}: no such key"
-            current = current.model_fields[part].annotation
-            current = _unwrap_optional(current)
-        elif origin is list:
-            if not part.isdigit():
-                return f"{where}: list index expected, got {part!r}"
-            current = _unwrap_optional(current.__args__[0])
-        elif origin is dict:
-            current = _unwrap_optional(current.__args__[1])
-        else:
+        reg = _plugin(tp)
+        tp, why = _child(tp, part)
+        if why == "not a mapping":
             return f"{where}: {'.'.join(parts[:depth])} is not a mapping"
+        if why is not None:
+            if reg is not None and why == "no such key":
+                why += f" (no {reg.family} takes it)"
+            return f"{where}: {why}"
     return None
 
 
-def _unwrap_optional(tp: Any) -> Any:
-    args = getattr(tp, "__args__", ())
-    if type(None) in args and len(args) == 2:
-        return next(a for a in args if a is not type(None))
-    return tp
-
-
-def _default(model: Any, part: str) -> Any:
-    """The schema default of field ``part`` of ``model`` as plain data ({} when none)."""
-    if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+def _default(tp: Any, part: str) -> Any:
+    """The schema default of field ``part`` of a value of type ``tp``, as plain data ({}
+    when none)."""
+    members = _models(tp) or []
+    model = members[0] if len(members) == 1 else None
+    if model is not None and part in model.model_fields:
         value = model.model_fields[part].get_default(call_default_factory=True)
         if isinstance(value, BaseModel):
             return value.model_dump(mode="json")
@@ -444,30 +470,47 @@ def _default(model: Any, part: str) -> Any:
     return {}
 
 
-def _child_model(model: Any, part: str) -> Any:
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return _unwrap_optional(model.model_fields[part].annotation)
-    args = getattr(model, "__args__", ())
-    return _unwrap_optional(args[-1]) if args else None
+def _discriminator(parts: list[str]) -> Registry[Any] | None:
+    """The registry when ``parts`` is the key that names a plug-in (``compression.codec``)."""
+    tp: Any = Scenario
+    for part in parts[:-1]:
+        tp, why = _child(tp, part)
+        if why is not None:
+            return None
+    reg = _plugin(tp)
+    return reg if reg is not None and parts[-1] == reg.key else None
+
+
+def _switch(section: dict[str, Any], reg: Registry[Any], name: Any) -> None:
+    """A plug-in switched by an override keeps only the options the new entry takes: the
+    document's options for the old one do not follow it (a sweep over codecs)."""
+    if isinstance(name, str) and name in reg.names():
+        fields = reg.config(name).model_fields
+        for k in [k for k in section if k not in fields]:
+            del section[k]
 
 
 def apply_override(doc: dict[str, Any], assignment: str) -> None:
     """Apply one ``a.b.0.c=value`` to the raw document.
 
     Sections the document leaves out are filled in from the schema defaults first, so
-    ``network.cells.0.sharing=tdma`` edits the default cell.
+    ``network.cells.0.sharing=tdma`` edits the default cell. A key of ``MOVED`` is set at its
+    new place. Setting the key that names a plug-in (``compression.codec=qsgd``) drops the
+    section's options that the new entry does not take.
     """
     if "=" not in assignment:
         raise ScenarioError([f"{assignment}: override must be key=value"], "--set")
     key, _, text = assignment.partition("=")
-    parts = key.strip().split(".")
+    key = MOVED.get(key.strip(), key.strip())
+    parts = key.split(".")
     if not all(parts):
         raise ScenarioError([f"{key}: empty key segment"], "--set")
-    problem = _field_exists(Scenario, parts)
+    problem = _field_exists(parts)
     if problem:
         raise ScenarioError([problem], "--set")
+    switching = _discriminator(parts)
     node: Any = doc
-    model: Any = Scenario
+    tp: Any = Scenario
     for depth, part in enumerate(parts):
         where = ".".join(parts[: depth + 1])
         last = depth == len(parts) - 1
@@ -482,16 +525,30 @@ def apply_override(doc: dict[str, Any], assignment: str) -> None:
             child = node[idx]
         elif isinstance(node, dict):
             if last:
-                node[part] = _parse_value(text)
+                node[part] = value = _parse_value(text)
+                if switching is not None:
+                    _switch(node, switching, value)
                 return
             if node.get(part) is None:
-                node[part] = _default(model, part)
+                node[part] = _default(tp, part)
             child = node[part]
         else:
             raise ScenarioError([f"{where}: {'.'.join(parts[:depth])} is not a mapping"],
                                 "--set")
-        model = _child_model(model, part)
+        tp, _ = _child(tp, part)
         node = child
+
+
+def _names_plugin(assignment: str) -> bool:
+    key = assignment.partition("=")[0].strip()
+    return _discriminator(MOVED.get(key, key).split(".")) is not None
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+    """Every override, those that switch a plug-in first: an option given beside a switch
+    applies to the new entry, whatever the order of the flags."""
+    for assignment in sorted(overrides, key=lambda a: not _names_plugin(a)):
+        apply_override(doc, assignment)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -533,7 +590,6 @@ def validate(doc: dict[str, Any], source: str = "scenario") -> Scenario:
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
     """Read, override and validate a scenario file."""
     path = Path(path)
-    doc = _read(path)
-    for assignment in overrides:
-        apply_override(doc, assignment)
+    doc = migrate(_read(path))
+    apply_overrides(doc, overrides)
     return validate(doc, str(path))

@@ -17,8 +17,10 @@ the clients' evaluation: same tokenization, same metrics, for every task type.
 
 from __future__ import annotations
 
+import json
 import warnings
-from collections.abc import Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,6 +33,7 @@ from fedsim.aggregators import Aggregator, ClientResult, Delta
 from fedsim.data import Example
 from fedsim.errors import FedsimError
 from fedsim.models import model_source
+from fedsim.plugins import TRANSFERS, TransferConfig
 from fedsim.projection import (
     HEAD,
     LORA_A,
@@ -299,3 +302,149 @@ class ServerModel:
         """The server model on ``examples[:limit]``, as the trainer evaluates clients: loss and
         accuracy/macro_f1 (classification, multiple choice) or rougeL/chrf/bleu (generation)."""
         return self.trainer.evaluate(self.adapter, examples, limit)
+
+
+# --- transfers: how a client family's knowledge reaches a server model ----------------------
+
+
+class Transfer(ABC):
+    """How client updates reach one server model (registry ``TRANSFERS``).
+
+    ``prepare`` readies the server for each client family (e.g. fits its projector);
+    ``carry`` turns one accepted client update into what the server merges, with the server
+    FLOPs of that work; ``merge`` combines a round's carried updates into the server.
+    """
+
+    name: str
+
+    def __init__(self, cfg: TransferConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def key(self) -> str:
+        """Variants whose transfers share a key carry an update once between them."""
+        return json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True)
+
+    def server_options(self) -> dict[str, Any]:
+        """What the server model is built with for this transfer (``ServerModel`` keywords)."""
+        return {}
+
+    @abstractmethod
+    def prepare(self, server: ServerModel, family: str, small: ModelLike, *,
+                roles: Sequence[str], lora_scale: float, probe_texts: Sequence[str]) -> None: ...
+
+    @abstractmethod
+    def carry(self, server: ServerModel, family: str, start: Mapping[str, torch.Tensor],
+              delta: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]: ...
+
+    def merge(self, server: ServerModel, results: Sequence[ClientResult],
+              aggregator: Aggregator, round_: int) -> float:
+        return server.apply(results, aggregator, round_)
+
+
+@TRANSFERS.register("projection")
+class ProjectionTransfer(Transfer):
+    """Task vectors (decode → τ = B·A → P_out·B, A·Q_in) through the configured projector."""
+
+    def server_options(self) -> dict[str, Any]:
+        p = self.cfg.projector
+        return {"projector": p.name, "projector_options": p.options()}
+
+    def prepare(self, server: ServerModel, family: str, small: ModelLike, *,
+                roles: Sequence[str], lora_scale: float, probe_texts: Sequence[str]) -> None:
+        server.add_family(family, small, roles=roles, lora_scale=lora_scale,
+                          probe_texts=probe_texts)
+
+    def carry(self, server: ServerModel, family: str, start: Mapping[str, torch.Tensor],
+              delta: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        return (server.project(family, start, delta),
+                server.flops_of_projection(family, start, delta))
+
+
+def make_transfer(cfg: TransferConfig) -> Transfer:
+    return TRANSFERS.get(cfg.name)(cfg)
+
+
+Carried = dict[str, dict[str, torch.Tensor]]  # variant name -> the update as it receives it
+
+
+@dataclass
+class ServerVariant:
+    """One server model, the transfer that feeds it and the rule that merges into it."""
+
+    name: str
+    model: ServerModel
+    transfer: Transfer
+    aggregator: Aggregator
+
+
+class ServerSet:
+    """The server models of a run: the primary (``server``) and, in ``fedsim compare``, the
+    variants beside it, fed the very same client updates. Only the primary's work is charged
+    simulated time: the variants are an observation of what another choice would have done."""
+
+    def __init__(self) -> None:
+        self.variants: dict[str, ServerVariant] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.variants)
+
+    def __iter__(self) -> Iterator[ServerVariant]:
+        return iter(self.variants.values())
+
+    @property
+    def primary(self) -> ServerVariant:
+        return next(iter(self.variants.values()))
+
+    def add(self, variant: ServerVariant) -> ServerVariant:
+        self.variants[variant.name] = variant
+        return variant
+
+    def clear(self) -> None:
+        self.variants.clear()
+
+    def carry(self, family: str, start: Mapping[str, torch.Tensor],
+              delta: Mapping[str, torch.Tensor]) -> tuple[Carried, float]:
+        """One client update as each variant receives it (by variant name; variants of the same
+        transfer share one computation) and the FLOPs charged: the primary's."""
+        by_key: dict[str, dict[str, torch.Tensor]] = {}
+        carried: Carried = {}
+        flops = 0.0
+        for v in self:
+            key = v.transfer.key
+            if key not in by_key:
+                by_key[key], f = v.transfer.carry(v.model, family, start, delta)
+                flops = f if v is self.primary else flops
+            carried[v.name] = by_key[key]
+        return carried, flops
+
+    def merge(self, results: Sequence[ClientResult], carried: Sequence[Mapping[str, Any]],
+              round_: int) -> float:
+        """Each variant merges the round's updates as it received them (``carried[i]`` is
+        ``results[i]``'s, by variant name); the FLOPs charged are the primary's."""
+        flops = 0.0
+        for v in self:
+            mine = [replace(r, delta=c[v.name]) for r, c in zip(results, carried, strict=True)]
+            f = v.transfer.merge(v.model, mine, v.aggregator, round_)
+            flops = f if v is self.primary else flops
+        return flops
+
+    def evaluate(self, examples: Sequence[Example]) -> dict[str, float]:
+        """``<variant>/<metric>`` for every variant, and the primary's as plain ``<metric>``."""
+        out: dict[str, float] = {}
+        for v in self:
+            for k, x in v.model.evaluate(examples).items():
+                out[f"{v.name}/{k}"] = x
+                if v is self.primary:
+                    out[k] = x
+        return out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The weights aggregation has changed, per variant (``<name>/<weight key>``)."""
+        return {f"{v.name}/{k}": t for v in self for k, t in v.model.merged_weights().items()}
+
+    def restore(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for v in self:
+            head = v.name + "/"
+            v.model.load_merged_weights({k[len(head):]: t for k, t in tensors.items()
+                                         if k.startswith(head)})

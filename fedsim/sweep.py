@@ -14,9 +14,11 @@ rewritten atomically after every point, so an interrupted sweep keeps what finis
 
 Resuming is rerunning the same command: a point whose run directory holds ``summary.json`` (run
 directories are written atomically, so that means complete) and the same resolved scenario is
-not run again. A point whose overrides make the scenario invalid, or whose run raises, is a
+not run again. Every point is validated before anything runs: a swept key that does not exist,
+an unknown plug-in name or a bad option at any point is a user error listing each such point
+(finding it in milliseconds beats finding it hours into a sweep). A point whose run raises is a
 failed row (its message in ``error``, and with the traceback in ``failed/<point>.txt``); the
-other points complete. A swept key that does not exist is a user error before anything runs.
+other points complete.
 
 Points run in a ``ProcessPoolExecutor`` (``--workers``; 1 runs them in this process), or, when
 the scenario names ``executor.name: ray``, as Ray tasks (one CPU each) on the cluster at
@@ -285,11 +287,7 @@ def _clean_leftovers(out: Path) -> None:
 
 
 def _check_keys(scenario_path: Path, flag: str, spec: dict[str, list[str]]) -> None:
-    """A swept key that does not exist (or a list index out of range) is a user error.
-
-    Each value is applied to the raw document without validating it: a value that makes the
-    scenario invalid is a failed point later, not a reason to refuse the sweep.
-    """
+    """A swept key that does not exist (or a list index out of range) is a user error."""
     doc = yaml.safe_load(scenario_path.read_text(encoding="utf-8"))
     errors = []
     for key, values in spec.items():
@@ -301,6 +299,18 @@ def _check_keys(scenario_path: Path, flag: str, spec: dict[str, list[str]]) -> N
                 break
     if errors:
         raise ScenarioError(errors, flag)
+
+
+def _check_points(scenario_path: Path, points: Sequence[Point]) -> None:
+    """Every point validates, or a user error naming each point and what is wrong there."""
+    errors = []
+    for p in points:
+        try:
+            load(scenario_path, p.overrides)
+        except ScenarioError as e:
+            errors.extend(f"{p.name}: {err}" for err in e.errors)
+    if errors:
+        raise ScenarioError(errors, "sweep points")
 
 
 def _resolved_yaml(scenario_path: Path, point: Point) -> str | None:
@@ -362,6 +372,7 @@ def run_sweep(scenario_path: str | Path, grid: dict[str, Sequence[Any]],
     g, z = _texts("--grid", grid), _texts("--zip", zip_)
     _check_keys(path, "--grid", g)
     _check_keys(path, "--zip", z)
+    _check_points(path, points)
     swept = [*g, *z]
     sweep_dir = Path(out) if out is not None else Path("sweeps") / base.name
     try:
@@ -396,7 +407,7 @@ def run_sweep(scenario_path: str | Path, grid: dict[str, Sequence[Any]],
                desc=base.name, file=sys.stderr, disable=not progress or None)
     try:
         write_sweep_csv(csv_path, [r for r in rows if r is not None], swept)
-        if base.executor.name == "ray" and todo:
+        if base.executor.runs_sweep_points and todo:
             _run_ray(path, sweep_dir, todo, workers, base.executor, done)
         elif workers == 1 or len(todo) <= 1:
             for p in todo:

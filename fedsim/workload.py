@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedsim.devices import Fleet
-from fedsim.registry import Registry
+from fedsim.plugins import WORKLOADS
 from fedsim.scenario import Scenario
 
 
@@ -151,7 +151,6 @@ class Workload(ABC):
         """Release executors and models."""
 
 
-WORKLOADS: Registry[type[Workload]] = Registry("workload")
 
 
 @WORKLOADS.register("synthetic")

@@ -19,11 +19,14 @@ from fedsim.aggregators import (
     trimmed_mean,
 )
 from fedsim.errors import FedsimError
-from fedsim.scenario import AggregationConfig
+from fedsim.plugins import AGGREGATORS as AGGREGATOR_CONFIGS
 
 
 def make(name: str, **cfg):
-    return make_aggregator(AggregationConfig(name=name, **cfg))
+    """Rule ``name`` with those of ``cfg``'s options it takes (one call serves every rule)."""
+    takes = AGGREGATOR_CONFIGS.config(name).model_fields
+    return make_aggregator(AGGREGATOR_CONFIGS.parse(
+        {"name": name, **{k: v for k, v in cfg.items() if k in takes}}))
 
 
 def delta(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:

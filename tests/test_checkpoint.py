@@ -111,8 +111,9 @@ def test_resume_errors_are_user_errors(tmp_path):
     run(load(path), run_dir=tmp_path / "r")
     with pytest.raises(FedsimError, match="another scenario"):
         run(load(path, ["seed=4"]), resume=tmp_path / "r")
-    path.write_text(SYNTHETIC.replace("name: deadline, deadline_s: 15", "name: async"))
-    with pytest.raises(FedsimError, match=r"output\.checkpoint_every: async runs cannot"):
+    path.write_text(SYNTHETIC.replace("name: deadline, deadline_s: 15, clients_per_round: 14",
+                                      "name: async"))
+    with pytest.raises(FedsimError, match=r"output\.checkpoint_every: async rounds cannot"):
         load(path)
 
 

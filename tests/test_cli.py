@@ -91,3 +91,48 @@ def test_summary_names_the_faults_only_when_there_were_some(tmp_path):
     summary = json.loads((tmp_path / "stormy" / "summary.json").read_text())
     assert f"crashes {summary['overload']['crashes']}" in line
     assert summary["overload"]["crashes"] == summary["counts"]["updates_started"] > 0
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--set", "compression.codec=zstd-magic"], "compression.codec: unknown codec 'zstd-magic'"),
+    (["--set", "aggregation.name=fedavgg"], "aggregation.name: unknown aggregator 'fedavgg'"),
+    (["--set", "transfer.projector=lsq"], "transfer.projector.name: unknown projector 'lsq'"),
+    (["--set", "aggregation.projector=lsq"], "transfer.projector.name: unknown projector 'lsq'"),
+    (["--set", "task.dataset=imdb"], "task.dataset: unknown dataset 'imdb'"),
+    (["--set", "task.partition.name=shards"], "task.partition.name: unknown partitioner"),
+    (["--set", "clients.0.model=minilm-l7"], "clients.0.model: unknown model 'minilm-l7'"),
+    (["--set", "server.model=mpnet"], "server.model: unknown model 'mpnet'"),
+    (["--set", "network.channel.name=laser"], "network.channel.name: unknown channel 'laser'"),
+    (["--set", "round_policy.name=fifo"], "round_policy.name: unknown round policy 'fifo'"),
+    (["--set", "executor.name=spark"], "executor.name: unknown executor 'spark'"),
+    (["--set", "workload.name=fake"], "workload.name: unknown workload 'fake'"),
+    (["--set", "clients.0.attack={kind: flip}"], "clients.0.attack.kind: unknown attack 'flip'"),
+    (["--set", "compression.codec=qsgd", "--set", "compression.rank=4"],
+     "compression.rank: not an option of codec 'qsgd'; codecs that take it: lowrank"),
+    (["--set", "aggregation.trim_ratio=0.2"],
+     "aggregation.trim_ratio: not an option of aggregator 'fedavg'; aggregators that take it: "
+     "trimmed-mean"),
+    (["--set", "executor.workers=3"], "executor.workers: not an option of executor 'inline'"),
+])
+def test_validate_names_every_unknown_plugin_and_misplaced_option(tmp_path, capsys, args,
+                                                                  expected):
+    """The real workload (no `workload:` line): model names are checked too. In process (the
+    CLI's exit code and message are main()'s; the subprocess tests above cover the rest)."""
+    from fedsim.cli import main
+
+    p = tmp_path / "s.yaml"
+    p.write_text("name: real\nrounds: 1\nclients:\n  - {profile: laptop, count: 2}\n")
+    assert main(["validate", str(p)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["validate", str(p), *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_validate_notes_a_hub_model(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: real\nrounds: 1\nclients:\n  - {profile: laptop, count: 2, "
+                 "model: some-org/some-model}\n")
+    r = fedsim("validate", p)
+    assert r.returncode == 0, r.stderr
+    assert "needs network access" in r.stdout

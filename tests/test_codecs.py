@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,6 +30,7 @@ from fedsim.codecs import (
     shapes_of,
 )
 from fedsim.errors import FedsimError
+from fedsim.plugins import CODECS as CODEC_CONFIGS
 
 NAMES = CODECS.names()
 SETTINGS = [n for n in NAMES if issubclass(CODECS.get(n), TensorCodec)]
@@ -320,14 +320,16 @@ def test_bad_settings_name_the_key_and_value(name, kwargs, key):
         CODECS.get(name)(**kwargs)
 
 
-def test_from_config_reads_matching_fields():
-    cfg = SimpleNamespace(codec="topk-qsgd", bits=4, ratio=0.05, rank=2, safety_margin=0.8,
-                          max_bytes=None)
+def test_from_config_builds_the_named_codec_with_its_options():
+    cfg = CODEC_CONFIGS.parse({"codec": "topk-qsgd", "bits": 4, "ratio": 0.05})
     assert from_config(cfg).describe() == "topk(ratio=0.05)+qsgd(bits=4)"
-    assert isinstance(from_config(SimpleNamespace(**{**vars(cfg), "codec": "adaptive"})),
-                      Adaptive)
-    with pytest.raises(FedsimError, match="unknown codec"):
-        from_config(SimpleNamespace(codec="zip"))
+    assert isinstance(from_config(CODEC_CONFIGS.parse({"codec": "adaptive"})), Adaptive)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_codec_config_builds_its_codec(name):
+    codec = from_config(CODEC_CONFIGS.parse({"codec": name}))
+    assert codec.name == name
 
 
 def test_raw_bytes_and_relative_error():

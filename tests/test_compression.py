@@ -50,7 +50,7 @@ def scenario(rates_bps=(1e6,), per_cell=1, codec="adaptive", deadline_s=DEADLINE
         "task": {"dataset": "bbc-news", "kind": "classification", "max_train_examples": 200,
                  "eval_examples": 20, "partition": {"name": "iid"}},
         "training": {"local_steps": 2, "batch_size": 8, "max_length": 32, "lr": 5e-3},
-        "compression": {"codec": codec, "safety_margin": 0.8},
+        "compression": {"codec": codec, **({"safety_margin": 0.8} if codec == "adaptive" else {})},
         "round_policy": policy,
     })
 

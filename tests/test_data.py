@@ -218,7 +218,8 @@ def test_partition_contract_any_size(
 ) -> None:
     n = num_clients * 4 + extra
     labels = _labels(n, classes, seed)
-    parts = partition(name, labels, n, num_clients, np.random.default_rng(seed), alpha=5.0)
+    options = {"alpha": 5.0} if "alpha" in PARTITIONERS.config(name).model_fields else {}
+    parts = partition(name, labels, n, num_clients, np.random.default_rng(seed), **options)
     _check_contract(parts, n, num_clients)
 
 
@@ -286,9 +287,9 @@ def test_partition_params_and_sizes_are_checked() -> None:
         partition("iid", np.zeros(10, dtype=int), 20, 2, rng)
     with pytest.raises(FedsimError, match="unknown partitioner 'shards'"):
         partition("shards", None, 20, 2, rng)
-    # One config block carries every rule's knobs: a rule ignores the others'.
-    parts = partition("iid", None, 20, 2, rng, alpha=0.5, exponent=1.5, min_size=2)
-    _check_contract(parts, 20, 2)
+    # Each rule takes its own options only (the scenario rejects the others' at validation).
+    with pytest.raises(TypeError):
+        partition("iid", None, 20, 2, rng, alpha=0.5)
 
 
 def test_label_distribution_and_entropy() -> None:

@@ -228,3 +228,16 @@ def test_network_only_scenario_runs_small(tmp_path):
     s = Simulation(sc).run().summary
     assert s["rounds_completed"] == 2
     assert 0 < s["utilization"]["uplink"] <= 1
+
+
+def test_network_only_two_rounds_give_the_recorded_summary():
+    """scenarios/network-only.yaml, 2 rounds, seed 1 (10,000 clients): the summary recorded
+    before the engine was split into rooms, unchanged (wall time aside)."""
+    from pathlib import Path
+
+    from fedsim.scenario import load
+    from test_scenarios import GOLDEN, assert_same_summary
+
+    root = Path(__file__).resolve().parent.parent
+    sc = load(root / "scenarios" / "network-only.yaml", ["rounds=2", "seed=1"])
+    assert_same_summary(Simulation(sc).run().summary, GOLDEN / "network-only-2r-s1.json")

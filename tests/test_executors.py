@@ -12,7 +12,8 @@ from test_scenarios import scenario_test_overrides
 from fedsim.engine import Simulation
 from fedsim.executors import EXECUTORS, JobFailed, make_executor
 from fedsim.metrics import write_run_dir
-from fedsim.scenario import ExecutorConfig, ScenarioError, load
+from fedsim.plugins import EXECUTORS as EXECUTOR_CONFIGS
+from fedsim.scenario import ScenarioError, load
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +25,8 @@ def test_registry_and_config_errors(tmp_path):
     with pytest.raises(ScenarioError, match=r"executor\.name: .*unknown executor 'spark'"):
         load(doc)
     doc.write_text("name: s\nexecutor: {name: process, address: auto}\n")
-    with pytest.raises(ScenarioError, match=r"executor: .*address is for the ray executor"):
+    with pytest.raises(ScenarioError, match=r"executor\.address: not an option of executor "
+                       r"'process'; executors that take it: ray"):
         load(doc)
     doc.write_text("name: s\nexecutor: {name: process, workers: 0}\n")
     with pytest.raises(ScenarioError, match=r"executor\.workers"):
@@ -32,7 +34,7 @@ def test_registry_and_config_errors(tmp_path):
 
 
 def test_inline_runs_a_job_only_when_collected():
-    ex = make_executor(ExecutorConfig())
+    ex = make_executor(EXECUTOR_CONFIGS.parse({"name": "inline"}))
     job = ex.submit(EchoJob(3))
     value, pid, calls = job.result()
     assert (value, pid, calls) == (3, os.getpid(), 1)
@@ -40,8 +42,8 @@ def test_inline_runs_a_job_only_when_collected():
 
 @pytest.fixture(scope="module")
 def pool():
-    ex = make_executor(ExecutorConfig(name="process", workers=2,
-                                      max_retries=1))
+    ex = make_executor(EXECUTOR_CONFIGS.parse(dict(name="process", workers=2,
+                                      max_retries=1)))
     yield ex
     ex.close()
 
@@ -75,7 +77,7 @@ def test_a_dead_worker_is_replaced_and_the_job_retried(pool, tmp_path):
 
 def test_a_hung_job_times_out(tmp_path):
     # 15 s: room for the first job's worker to start (spawn + import torch) on a slow machine.
-    ex = make_executor(ExecutorConfig(name="process", workers=1, job_timeout_s=15))
+    ex = make_executor(EXECUTOR_CONFIGS.parse(dict(name="process", workers=1, job_timeout_s=15)))
     try:
         assert ex.submit(SleepJob(0.1)).result() == 0.1
         t0 = time.perf_counter()
@@ -154,7 +156,7 @@ def test_ray_replaces_a_dead_actor(tmp_path):
 
     ray.cloudpickle.register_pickle_by_value(doubles)  # the test's module, unknown to workers
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ex = make_executor(ExecutorConfig(name="ray", workers=2, max_retries=1))
+    ex = make_executor(EXECUTOR_CONFIGS.parse(dict(name="ray", workers=2, max_retries=1)))
     try:
         marker = tmp_path / "crashes"
         marker.write_text("1")

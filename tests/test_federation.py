@@ -101,7 +101,7 @@ def test_quickstart_one_round_real_models(tmp_path):
 
 
 def server_weights(sim):
-    return {k: v.clone() for k, v in sim.workload.servers["server"].model.weights().items()}
+    return {k: v.clone() for k, v in sim.workload.servers.primary.model.weights().items()}
 
 
 def test_client_updates_reach_the_server_model_through_projection():
@@ -122,7 +122,7 @@ def test_client_updates_reach_the_server_model_through_projection():
     assert q["accuracy"] == q["server/accuracy"] == res.summary["quality"]["server_by_round"][0]
     assert "tiny-bert/accuracy" in q
     # the server is evaluated as it is now: the same weights score the same again
-    server = sim.workload.servers["server"].model
+    server = sim.workload.servers.primary.model
     assert server.evaluate(sim.workload.eval_examples)["accuracy"] == q["accuracy"]
 
 
@@ -141,7 +141,7 @@ def test_ingest_counts_decode_and_projection_flops():
     sent = upload.payload
     delta = ing.update[0].delta
     numel = sum(t.numel() for t in delta.values())
-    proj = wl.servers["server"].model.flops_of_projection("tiny-bert", sent.start, delta)
+    proj = wl.servers.primary.model.flops_of_projection("tiny-bert", sent.start, delta)
     assert proj > 0
     assert ing.flops == pytest.approx(4.0 * numel + proj)
     assert np.isfinite(ing.flops)

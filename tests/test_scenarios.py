@@ -5,6 +5,8 @@ that make it quick (tiny models, one round, few clients). The scenarios are glob
 added later is picked up; one without a ``# test:`` line fails here, so none goes untested.
 """
 
+import json
+import math
 import re
 import shlex
 from pathlib import Path
@@ -19,6 +21,29 @@ from fedsim.scenario import load
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = sorted((ROOT / "scenarios").glob("*.yaml"))
 TEST_LINE = re.compile(r"^#\s*test:(.*)$")
+GOLDEN = ROOT / "tests" / "golden"  # summaries recorded before a refactoring (wall time aside)
+
+
+def assert_same_summary(summary: dict, golden_path: Path, rel: float = 1e-9) -> None:
+    """``summary`` equals the recorded one: every key, every count, floats within ``rel``."""
+    golden = json.loads(golden_path.read_text(encoding="utf-8"))
+    mine = json.loads(json.dumps({k: v for k, v in summary.items() if k != "wall_time_s"}))
+
+    def same(a, b, where):
+        if isinstance(b, dict):
+            assert isinstance(a, dict) and sorted(a) == sorted(b), f"{where}: keys differ"
+            for k in b:
+                same(a[k], b[k], f"{where}.{k}")
+        elif isinstance(b, list):
+            assert isinstance(a, list) and len(a) == len(b), f"{where}: lengths differ"
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                same(x, y, f"{where}.{i}")
+        elif isinstance(b, float) and isinstance(a, float):
+            assert math.isclose(a, b, rel_tol=rel, abs_tol=1e-12), f"{where}: {a} != {b}"
+        else:
+            assert a == b, f"{where}: {a!r} != {b!r}"
+
+    same(mine, golden, golden_path.stem)
 
 
 def scenario_test_overrides(path: Path) -> list[str] | None:
@@ -72,6 +97,9 @@ def test_scenario_runs_with_its_test_overrides(path, tmp_path, capsys):
     assert result.summary["rounds_completed"] == scenario.rounds
     out = write_run_dir(result, tmp_path / "run")
     assert (out / "summary.json").is_file()
+    golden = GOLDEN / f"{path.stem}.json"
+    if golden.is_file():  # the refactorings of the architecture issue change no number
+        assert_same_summary(result.summary, golden)
 
 
 def test_overrides_parser(tmp_path):

@@ -12,8 +12,8 @@ from fedsim.aggregators import ClientResult, make_aggregator
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
 from fedsim.models import LoadedModel, ModelSpec, load_model
+from fedsim.plugins import TaskArithmeticConfig
 from fedsim.projection import HEAD, LORA_A, LORA_B, projection_flops
-from fedsim.scenario import AggregationConfig
 from fedsim.server import ServerModel, fit_logistic_regression
 from fedsim.training import FamilyTrainer, LocalTrainingConfig
 
@@ -77,7 +77,7 @@ def test_apply_changes_only_the_targeted_weights(setup):
         results.append(ClientResult(i, server.project(name, start, delta), num_samples=8,
                                     quality=0.1 * (i + 1)))
     before = {k: v.clone() for k, v in server.weights().items()}
-    flops = server.apply(results, make_aggregator(AggregationConfig(name="task-arithmetic")))
+    flops = server.apply(results, make_aggregator(TaskArithmeticConfig()))
     after = server.weights()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     targeted = {f"mpnet.encoder.layer.{i}.attention.attn.{r}.weight" for i in (0, 1)
@@ -172,7 +172,7 @@ def test_minilm_to_mpnet_base_end_to_end(tmp_path, monkeypatch):
     projected = server.project("minilm-l6", start, delta)
     timings["project_s"] = time.perf_counter() - t
     flops = server.apply([ClientResult(0, projected, 16, quality=0.1)],
-                         make_aggregator(AggregationConfig(name="task-arithmetic")))
+                         make_aggregator(TaskArithmeticConfig()))
     after = server.evaluate(data.test[:100])
     print(f"\nminilm-l6 -> mpnet-base: {timings}, apply {flops:.3g} FLOPs, "
           f"accuracy {baseline['accuracy']:.3f} -> {after['accuracy']:.3f}")

@@ -182,21 +182,36 @@ def test_changed_scenario_reruns_its_points(scenario, tmp_path, counted):
     assert all(r["rounds_completed"] == 1 for r in rows)
 
 
-def test_invalid_value_is_a_failed_point_the_others_complete(scenario, tmp_path):
-    out = tmp_path / "sweep"
-    r = fedsim("sweep", scenario, "--grid", f"{BW}=-1,2e7", "--seeds", "2", "--out", out)
+def test_a_point_that_fails_to_run_is_a_failed_row_the_others_complete(scenario, tmp_path):
+    """A trace file that exists (so the point validates) but is not a trace fails at run."""
+    (tmp_path / "bad.csv").write_text("time_s,uplink_bps\n0,1e6\n")
+    out, key = tmp_path / "sweep", "network.channel.name"
+    r = fedsim("sweep", scenario, "--grid", f"{key}=trace,pathloss", "--seeds", "2",
+               "--out", out, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr  # trace needs its file: refused before running
+    assert "network.channel.trace_path: Field required" in r.stderr
+    assert not out.exists()
+    grid = "network.channel={name: trace, trace_path: bad.csv},{name: pathloss}"
+    r = fedsim("sweep", scenario, "--grid", grid, "--seeds", "2", "--out", out, cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     assert "2 of 4 points ok, 2 failed" in r.stdout
-    assert f"{BW}: Input should be greater than 0" in r.stdout
     table = read_csv(out / "sweep.csv")
-    assert [(t[BW], t["status"]) for t in table] == [
-        ("-1", "failed"), ("-1", "failed"), ("2e7", "ok"), ("2e7", "ok")]
-    assert "greater than 0" in table[0]["error"] and table[2]["error"] == ""
+    assert [t["status"] for t in table] == ["failed", "failed", "ok", "ok"]
+    assert "needs columns" in table[0]["error"] and table[2]["error"] == ""
     assert table[0]["latency_s.round.p95"] == "" and float(table[2]["latency_s.round.p95"]) > 0
-    notes = sorted(p.name for p in (out / "failed").iterdir())
-    assert notes == [f"{BW}=-1__seed=0.txt", f"{BW}=-1__seed=1.txt"]
-    assert not (out / f"{BW}=-1__seed=0").exists()
+    assert len(list((out / "failed").iterdir())) == 2
+
+
+def test_invalid_points_are_refused_before_any_runs(scenario, tmp_path):
+    out = tmp_path / "sweep"
+    r = fedsim("sweep", scenario, "--grid", f"{BW}=-1,2e7", "--grid",
+               "compression.codec=none,zstd-magic", "--out", out)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stdout + r.stderr
+    assert f"{BW}: Input should be greater than 0" in r.stderr
+    assert "compression.codec: unknown codec 'zstd-magic'" in r.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("args", "expected"), [

@@ -1,0 +1,461 @@
+"""The plug-in families: one registry each, and the options of every entry as a config class.
+
+A scenario section that names a plug-in (``compression: {codec: qsgd, bits: 4}``) is validated
+against that entry's own frozen config class: the scenario holds each such section as the
+discriminated union of its family's configs (``Registry.union``), as peft has one config class
+per method. An option of another entry is rejected, naming the entries that take it; a rule that
+concerns one plug-in ("trace needs a file", "deadline needs deadline_s") lives in its config.
+
+Why the configs live here and not beside their implementations: validating a scenario must not
+import torch (~3 s) or transformers (~10 s), so that ``fedsim validate`` and network-only runs
+stay light (peft keeps ``LoraConfig`` apart from its model code too). Each implementation
+registers under the same name in the family's home module, loaded on first ``get``; the
+contract tests check that every declared config has an implementation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fedsim.registry import Registry
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class Config(BaseModel):
+    """Base of every config: frozen, unknown keys rejected, NaN/inf rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class PluginConfig(Config):
+    """The options of one registry entry; its discriminator field names the entry."""
+
+    registry: ClassVar[Registry[Any]]
+
+    def options(self) -> dict[str, Any]:
+        """The entry's options as keyword arguments (the discriminator left out)."""
+        return {k: getattr(self, k) for k in type(self).model_fields if k != self.registry.key}
+
+
+CHANNELS: Registry[Any] = Registry("channel", home="fedsim.channels")
+CODECS: Registry[Any] = Registry("codec", home="fedsim.codecs", key="codec")
+AGGREGATORS: Registry[Any] = Registry("aggregator", home="fedsim.aggregators")
+PROJECTORS: Registry[Any] = Registry("projector", home="fedsim.projection")
+TRANSFERS: Registry[Any] = Registry("transfer", home="fedsim.server")
+ROUND_POLICIES: Registry[Any] = Registry("round policy", home="fedsim.rounds")
+EXECUTORS: Registry[Any] = Registry("executor", home="fedsim.executors")
+ATTACKS: Registry[Any] = Registry("attack", home="fedsim.attacks", key="kind")
+PARTITIONERS: Registry[Any] = Registry("partitioner", home="fedsim.data")
+WORKLOADS: Registry[Any] = Registry("workload", home="fedsim.federation")
+# Entries without options: named by a plain string, checked against the registry's names.
+DATASETS: Registry[Any] = Registry("dataset", home="fedsim.data")
+MODELS: Registry[Any] = Registry("model", home="fedsim.models")
+MODELS.declare("minilm-l6", "mpnet-base", "smollm2-135m", "gemma3-270m",  # packaged
+               "tiny-bert", "tiny-mpnet", "tiny-llama", "tiny-gemma3")  # random-init, for tests
+
+
+# --- channels (fedsim.channels) -------------------------------------------------------------
+
+
+class ChannelConfig(PluginConfig):
+    registry = CHANNELS
+    name: str
+
+
+@CHANNELS.options("static")
+class StaticChannelConfig(ChannelConfig):
+    """The cell carrier's fixed rate (``network.cells[i].uplink_rate_bps``), shared equally."""
+
+    name: Literal["static"] = "static"
+
+
+@CHANNELS.options("pathloss")
+class PathlossChannelConfig(ChannelConfig):
+    """128.1 + 37.6 log10(d_km) dB (3GPP TR 36.814 macro), log-normal shadowing, Rayleigh."""
+
+    name: Literal["pathloss"] = "pathloss"
+    shadowing_sigma_db: NonNegFloat = 8.0
+    fading: bool = True  # Rayleigh block fading, redrawn every coherence time
+    coherence_time_s: PositiveFloat = 0.05
+    outage_snr_db: float = Field(default=-5.0, ge=-50, le=50)
+
+
+@CHANNELS.options("trace")
+class TraceChannelConfig(ChannelConfig):
+    """Rates replayed from a CSV with columns time_s,uplink_bps,downlink_bps[,client]."""
+
+    name: Literal["trace"] = "trace"
+    trace_path: str = Field(min_length=1)
+
+    @field_validator("trace_path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if not Path(v).is_file():
+            raise ValueError(f"trace file {v!r} not found (relative paths are read from the "
+                             "working directory)")
+        return v
+
+
+# --- codecs (fedsim.codecs) -----------------------------------------------------------------
+
+
+class CodecConfig(PluginConfig):
+    registry = CODECS
+    codec: str
+
+
+@CODECS.options("none")
+class NoneCodecConfig(CodecConfig):
+    """float32, as trained."""
+
+    codec: Literal["none"] = "none"
+
+
+@CODECS.options("fp16")
+class Fp16CodecConfig(CodecConfig):
+    codec: Literal["fp16"] = "fp16"
+
+
+@CODECS.options("qsgd")
+class QsgdCodecConfig(CodecConfig):
+    """Unbiased stochastic quantization to ``bits`` bits (Alistarh et al. 2017)."""
+
+    codec: Literal["qsgd"] = "qsgd"
+    bits: Literal[2, 4, 8] = 8
+
+
+@CODECS.options("topk")
+class TopkCodecConfig(CodecConfig):
+    """The ceil(ratio·n) largest entries of each tensor, with error feedback."""
+
+    codec: Literal["topk"] = "topk"
+    ratio: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.01
+
+
+@CODECS.options("topk-qsgd")
+class TopkQsgdCodecConfig(TopkCodecConfig):
+    codec: Literal["topk-qsgd"] = "topk-qsgd"  # type: ignore[assignment]
+    bits: Literal[2, 4, 8] = 8
+
+
+@CODECS.options("lowrank")
+class LowrankCodecConfig(CodecConfig):
+    """LoRA pairs re-factored to ``rank``, PowerSGD for other matrices."""
+
+    codec: Literal["lowrank"] = "lowrank"
+    rank: int = Field(default=2, ge=1)
+
+
+@CODECS.options("adaptive")
+class AdaptiveCodecConfig(CodecConfig):
+    """The least lossy ladder setting whose payload fits the channel before the deadline."""
+
+    codec: Literal["adaptive"] = "adaptive"
+    safety_margin: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.8
+    max_bytes: int | None = Field(default=None, ge=1)
+
+
+# --- aggregators (fedsim.aggregators) -------------------------------------------------------
+
+
+class AggregatorConfig(PluginConfig):
+    """Every rule also takes ``max_update_norm``: an update whose L2 norm (all its tensors)
+    exceeds it is quarantined at ingest (recorded as rejected, never aggregated); null: no
+    limit (NaN/Inf updates are always quarantined)."""
+
+    registry = AGGREGATORS
+    name: str
+    max_update_norm: PositiveFloat | None = None
+
+
+@AGGREGATORS.options("fedavg")
+class FedAvgConfig(AggregatorConfig):
+    name: Literal["fedavg"] = "fedavg"
+
+
+@AGGREGATORS.options("task-arithmetic")
+class TaskArithmeticConfig(AggregatorConfig):
+    """η·Σ αᵢ·τᵢ / Σ αᵢ, αᵢ = quality × heterogeneity × policy weight, optional LARS."""
+
+    name: Literal["task-arithmetic"] = "task-arithmetic"
+    eta: PositiveFloat = 1.0
+    lars: bool = False
+    quality: Literal["none", "loss-improvement"] = "loss-improvement"
+    heterogeneity: Literal["none", "samples", "label-entropy"] = "samples"
+
+
+@AGGREGATORS.options("norm-clip")
+class NormClipConfig(AggregatorConfig):
+    name: Literal["norm-clip"] = "norm-clip"
+    clip_norm: PositiveFloat = 1.0
+
+
+@AGGREGATORS.options("trimmed-mean")
+class TrimmedMeanConfig(AggregatorConfig):
+    name: Literal["trimmed-mean"] = "trimmed-mean"
+    trim_ratio: Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)] = 0.1
+
+
+@AGGREGATORS.options("median")
+class MedianConfig(AggregatorConfig):
+    name: Literal["median"] = "median"
+
+
+# --- projectors and transfers (fedsim.projection, fedsim.server) ----------------------------
+
+
+class ProjectorConfig(PluginConfig):
+    registry = PROJECTORS
+    name: str
+
+
+@PROJECTORS.options("pad")
+class PadProjectorConfig(ProjectorConfig):
+    """Zero-pad / truncate: the data-free baseline."""
+
+    name: Literal["pad"] = "pad"
+
+
+@PROJECTORS.options("orthogonal")
+class OrthogonalProjectorConfig(ProjectorConfig):
+    """A random isometry per pair of widths, drawn from the seed."""
+
+    name: Literal["orthogonal"] = "orthogonal"
+
+
+@PROJECTORS.options("lstsq")
+class LstsqProjectorConfig(ProjectorConfig):
+    """Ridge least squares on paired activations of both models on the probe corpus."""
+
+    name: Literal["lstsq"] = "lstsq"
+    ridge: PositiveFloat = 1e-2
+    max_length: int = Field(default=128, ge=2)  # probe tokens per text
+    batch_size: int = Field(default=8, ge=1)
+    use_cache: bool = True  # fitted maps cached on disk, keyed by model pair and probe corpus
+
+
+def _named(v: Any) -> Any:
+    """A bare name (``projector: lstsq``) as the config it names."""
+    return {"name": v} if isinstance(v, str) else v
+
+
+class TransferConfig(PluginConfig):
+    registry = TRANSFERS
+    name: str
+
+
+@TRANSFERS.options("projection")
+class ProjectionTransferConfig(TransferConfig):
+    """Task vectors projected from each family's weight space into the server model's."""
+
+    name: Literal["projection"] = "projection"
+    projector: Annotated[PROJECTORS.union(), Field(default_factory=LstsqProjectorConfig)]
+
+    @field_validator("projector", mode="before")
+    @classmethod
+    def _bare_name(cls, v: Any) -> Any:
+        return _named(v)
+
+
+# --- round policies (fedsim.rounds) ---------------------------------------------------------
+
+
+class RoundPolicyConfig(PluginConfig):
+    registry = ROUND_POLICIES
+    name: str
+    # Whether a run can be checkpointed at round boundaries (output.checkpoint_every).
+    checkpoints: ClassVar[bool] = True
+
+
+@ROUND_POLICIES.options("sync")
+class SyncRoundsConfig(RoundPolicyConfig):
+    """Each round waits for every selected client (FedAvg)."""
+
+    name: Literal["sync"] = "sync"
+    clients_per_round: int | None = Field(default=None, ge=1)  # None: every available client
+
+
+@ROUND_POLICIES.options("deadline")
+class DeadlineRoundsConfig(RoundPolicyConfig):
+    """Like sync, but updates not uploaded ``deadline_s`` after the round starts are dropped."""
+
+    name: Literal["deadline"] = "deadline"
+    clients_per_round: int | None = Field(default=None, ge=1)
+    deadline_s: PositiveFloat
+
+
+@ROUND_POLICIES.options("async")
+class AsyncRoundsConfig(RoundPolicyConfig):
+    """FedBuff (Nguyen et al. 2022): aggregate every ``buffer_size`` arrivals."""
+
+    name: Literal["async"] = "async"
+    checkpoints: ClassVar[bool] = False
+    buffer_size: int = Field(default=10, ge=1)
+    concurrency: int = Field(default=20, ge=1)  # clients training at once
+    staleness_exponent: NonNegFloat = 0.5  # weight (1 + staleness)^-a
+
+
+# --- executors (fedsim.executors) -----------------------------------------------------------
+
+
+class ExecutorConfig(PluginConfig):
+    """Where training jobs run. ``threads_per_job``: torch threads of every job, wherever it
+    runs (a float sum's order depends on the thread count, so fixing it keeps results
+    bit-identical across executors)."""
+
+    registry = EXECUTORS
+    name: str
+    threads_per_job: int = Field(default=1, ge=1, le=256)
+    # Capabilities, asked instead of the executor's name: jobs run in other processes, so
+    # this one may evaluate while they train; a sweep runs its points as this executor's tasks.
+    shares_threads: ClassVar[bool] = False
+    runs_sweep_points: ClassVar[bool] = False
+
+
+class _PoolConfig(ExecutorConfig):
+    shares_threads: ClassVar[bool] = True
+    workers: int = Field(default=2, ge=1, le=1024)
+    max_retries: int = Field(default=1, ge=0, le=10)  # resubmissions after a worker dies
+    job_timeout_s: float | None = Field(default=None, gt=0)  # wall seconds; None: no limit
+
+
+@EXECUTORS.options("inline")
+class InlineExecutorConfig(ExecutorConfig):
+    """Jobs run in this process."""
+
+    name: Literal["inline"] = "inline"
+
+
+@EXECUTORS.options("process")
+class ProcessExecutorConfig(_PoolConfig):
+    """A local pool of ``workers`` spawned processes."""
+
+    name: Literal["process"] = "process"
+
+
+@EXECUTORS.options("ray")
+class RayExecutorConfig(_PoolConfig):
+    """``workers`` Ray actors; ``address: auto`` joins a running cluster, none starts one."""
+
+    name: Literal["ray"] = "ray"
+    runs_sweep_points: ClassVar[bool] = True
+    address: str | None = None
+
+
+# --- attacks (fedsim.attacks) ---------------------------------------------------------------
+
+
+class AttackConfig(PluginConfig):
+    """What a malicious group sends instead of its honest update."""
+
+    registry = ATTACKS
+    kind: str
+    factor: PositiveFloat = 10.0
+
+
+@ATTACKS.options("scale")
+class ScaleAttackConfig(AttackConfig):
+    """The honest update times ``factor``."""
+
+    kind: Literal["scale"] = "scale"
+
+
+@ATTACKS.options("sign-flip")
+class SignFlipAttackConfig(AttackConfig):
+    """The honest update times ``-factor``."""
+
+    kind: Literal["sign-flip"] = "sign-flip"
+
+
+@ATTACKS.options("random")
+class RandomAttackConfig(AttackConfig):
+    """Gaussian noise of ``factor`` times the honest update's norm."""
+
+    kind: Literal["random"] = "random"
+
+
+# --- partitioners (fedsim.data) -------------------------------------------------------------
+
+
+class PartitionConfig(PluginConfig):
+    registry = PARTITIONERS
+    name: str
+
+
+@PARTITIONERS.options("iid")
+class IidPartitionConfig(PartitionConfig):
+    name: Literal["iid"] = "iid"
+
+
+@PARTITIONERS.options("dirichlet")
+class DirichletPartitionConfig(PartitionConfig):
+    """Label skew: each class shared among clients in Dirichlet(alpha) proportions."""
+
+    name: Literal["dirichlet"] = "dirichlet"
+    alpha: PositiveFloat = 0.5  # smaller = more label skew
+    min_size: int = Field(default=2, ge=1)
+
+
+@PARTITIONERS.options("quantity")
+class QuantityPartitionConfig(PartitionConfig):
+    """Quantity skew: client sizes follow a power law of rank."""
+
+    name: Literal["quantity"] = "quantity"
+    exponent: NonNegFloat = 1.5
+
+
+# --- workloads (fedsim.workload, fedsim.federation) -----------------------------------------
+
+
+class WorkloadConfig(PluginConfig):
+    registry = WORKLOADS
+    name: str
+    trains_models: ClassVar[bool] = True  # loads the clients' and the server's models
+
+
+@WORKLOADS.options("real")
+class RealWorkloadConfig(WorkloadConfig):
+    """Real LoRA fine-tuning of the clients' models, real payloads, a real server model."""
+
+    name: Literal["real"] = "real"
+
+
+@WORKLOADS.options("synthetic")
+class SyntheticWorkloadConfig(WorkloadConfig):
+    """The network-study mode: no ML, fixed sizes and FLOPs."""
+
+    name: Literal["synthetic"] = "synthetic"
+    trains_models: ClassVar[bool] = False
+    update_bytes: int = Field(default=1_000_000, ge=1)
+    download_bytes: int = Field(default=1_000_000, ge=0)
+    flops_per_step: PositiveFloat = 1e11
+    server_flops_per_update: NonNegFloat = 1e9
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it names a model: a registry entry, an existing ``local:<dir>``, or a hub id
+    written ``org/name`` (which needs network access: see :func:`model_note`)."""
+    if name.startswith("local:"):
+        path = Path(name.removeprefix("local:")).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is not a model directory (no config.json written by "
+                             "save_pretrained)")
+        return name
+    if name in MODELS or "/" in name:
+        return name
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS.names())}, "
+                     "local:<dir>, or a hub id as org/name (needs network)")
+
+
+def model_note(name: str) -> str | None:
+    """What a user should know about model ``name`` before running (a hub id needs network)."""
+    if name.startswith("local:") or name in MODELS:
+        return None
+    return (f"model {name!r} is not a registry model: it is loaded as a Hugging Face hub id, "
+            "which needs network access (HF_HUB_OFFLINE unset)")
