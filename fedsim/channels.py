@@ -26,16 +26,19 @@ from __future__ import annotations
 import csv
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import simpy
 
+from fedsim.clock import Clock
 from fedsim.devices import Fleet
 from fedsim.errors import FedsimError
 from fedsim.plugins import CHANNELS, ChannelConfig
-from fedsim.rng import hashed_exponential, hashed_uniform_one
-from fedsim.scenario import CellConfig
+from fedsim.rng import hashed_exponential, hashed_uniform_one, stream
+from fedsim.scenario import CellConfig, Scenario
 
 THERMAL_NOISE_DBM_PER_HZ = -174.0  # kT at 290 K
 UPLINK, DOWNLINK = "uplink", "downlink"
@@ -277,7 +280,7 @@ class SharedLink:
     or ``False`` if the flow is in outage with no change of channel to come.
     """
 
-    def __init__(self, env: simpy.Environment, channel: Channel, cell: int, direction: str):
+    def __init__(self, env: Clock, channel: Channel, cell: int, direction: str):
         self.env, self.channel, self.cell, self.direction = env, channel, cell, direction
         # Flow columns in arrays with spare capacity (doubled when full), the first k in use:
         # a join writes one slot instead of reallocating every column.
@@ -313,7 +316,8 @@ class SharedLink:
         return self._cols[1, : self._k]
 
     @property
-    def state(self) -> np.ndarray:
+    def flow_states(self) -> np.ndarray:
+        """Each active flow's channel state (see ``Channel.flow_state``)."""
         return self._cols[2, : self._k]
 
     def transfer(self, client: int, nbytes: int) -> simpy.Event:
@@ -390,9 +394,7 @@ class SharedLink:
         """Recompute once at the end of this instant, however many flows joined or left in it."""
         if not self._flush_pending:
             self._flush_pending = True
-            ev = self.env.timeout(0)
-            ev.callbacks.append(self._flush)
-            ev.fedsim_tag = ("flush", self.direction, self.cell)  # see fedsim.checkpoint
+            self.env.timer(0, ("flush", self.direction, self.cell), self._flush)
 
     def _flush(self, _event: simpy.Event) -> None:
         self._flush_pending = False
@@ -418,9 +420,9 @@ class SharedLink:
             return
         now = self.env.now
         if now >= self._state_until:  # fading block or trace step changed: every flow's state
-            self.state[:] = self.channel.flow_state(self.direction, self.clients, now)
+            self.flow_states[:] = self.channel.flow_state(self.direction, self.clients, now)
             self._state_until = self.channel.next_change_s(now)
-        self.rates[:] = self.channel.shared_rates(self.cell, self.direction, self.state)
+        self.rates[:] = self.channel.shared_rates(self.cell, self.direction, self.flow_states)
         change_at = self._state_until
         finish_in = self.remaining_bits / np.maximum(self.rates, _NO_RATE)
         first = float(finish_in.min())
@@ -435,9 +437,8 @@ class SharedLink:
 
     def rewake(self, at: float) -> None:
         """A wake-up at ``at`` (a checkpoint restores the pending ones through this)."""
-        ev = self.env.timeout(at - self.env.now)
-        ev.callbacks.append(lambda _e: self._wake(at))
-        ev.fedsim_tag = ("wake", self.direction, self.cell, at)
+        self.env.timer(at - self.env.now, ("wake", self.direction, self.cell, at),
+                       lambda _e: self._wake(at))
 
     def refresh(self) -> None:
         """A pending end-of-instant recomputation (restored from a checkpoint)."""
@@ -446,7 +447,7 @@ class SharedLink:
 
     _SCALARS = ("busy_s", "bits_carried", "_t", "_wake_at", "_state_until", "outage")
 
-    def snapshot(self) -> dict[str, float | bool]:
+    def state(self) -> dict[str, float | bool]:
         """The link between rounds, when no flow is active (checkpoints)."""
         if self._k:
             raise RuntimeError(f"cell {self.cell} {self.direction}: {self._k} flows active")
@@ -460,17 +461,66 @@ class SharedLink:
 class WiredLink:
     """A dedicated wired link (cloud clients): no sharing, a fixed rate."""
 
-    def __init__(self, env: simpy.Environment, rate_bps: np.ndarray) -> None:
+    def __init__(self, env: Clock, rate_bps: np.ndarray) -> None:
         self.env, self.rate_bps = env, rate_bps
         self.bits_carried = 0.0
         self.contenders = 0  # counted for symmetry with SharedLink; a wired link is not shared
 
     def transfer(self, client: int, nbytes: int) -> simpy.Event:
         self.bits_carried += 8.0 * nbytes
-        return self.env.timeout(8.0 * nbytes / float(self.rate_bps[client]), value=True)
+        return self.env.timer(8.0 * nbytes / float(self.rate_bps[client]), value=True)
 
     def cancel(self, client: int) -> None:
         """Nothing is shared, so nothing to give back."""
 
     def estimate_rate_bps(self, client: int) -> float:
         return float(self.rate_bps[client])
+
+
+class Network:
+    """One shared uplink and downlink per cell, and dedicated wired links."""
+
+    def __init__(self, env: Clock, scenario: Scenario, fleet: Fleet) -> None:
+        cells = scenario.network.cells
+        channel = make_channel(scenario.network.channel, cells, fleet,
+                               stream(scenario.seed, "channel"))
+        self.channel = channel
+        self.cells = {d: [SharedLink(env, channel, i, d) for i in range(len(cells))]
+                      for d in (UPLINK, DOWNLINK)}
+        self.wired = WiredLink(env, fleet.wired_rate_bps)
+        self.fleet = fleet
+
+    def links(self) -> Iterator[tuple[str, SharedLink]]:
+        """Every shared link by name (``uplink:3``)."""
+        for d, links in self.cells.items():
+            for i, link in enumerate(links):
+                yield f"{d}:{i}", link
+
+    def link(self, client: int, direction: str) -> SharedLink | WiredLink:
+        cell = int(self.fleet.cell[client])
+        return self.wired if cell < 0 else self.cells[direction][cell]
+
+    def utilization(self, direction: str, sim_time_s: float) -> float:
+        links = self.cells[direction]
+        return sum(lk.busy_s for lk in links) / (len(links) * sim_time_s) if sim_time_s else 0.0
+
+    # --- snapshot protocol (fedsim.checkpoint): between rounds, when no flow is active ----
+
+    def state(self) -> dict[str, Any]:
+        return {"links": {name: link.state() for name, link in self.links()},
+                "wired_bits": self.wired.bits_carried}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        links = dict(self.links())
+        for name, doc in state["links"].items():
+            links[name].restore(doc)
+        self.wired.bits_carried = state["wired_bits"]
+
+    def restore_timer(self, tag: tuple[Any, ...]) -> None:
+        """A link's pending timer again, from its tag (see ``fedsim.clock``)."""
+        kind, direction, cell, *at = tag
+        link = self.cells[direction][cell]
+        if kind == "wake":
+            link.rewake(at[0])
+        else:  # flush
+            link.refresh()

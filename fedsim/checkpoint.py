@@ -21,12 +21,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedsim.atomic import atomic_dir
 from fedsim.errors import FedsimError
+
+if TYPE_CHECKING:
+    from fedsim.engine import Simulation
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
@@ -76,6 +79,67 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise FedsimError(f"--resume: {path}: checkpoint format {state.get('format')!r}, "
                           f"this fedsim reads {FORMAT}")
     return state, tensors
+
+
+# --- the snapshot protocol: each stateful component's state(), composed -------------------------
+
+
+def snapshot(sim: Simulation, round_: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Everything the rest of ``sim`` depends on, after round ``round_``: (JSON, tensors).
+
+    Each stateful component gives its own ``state()`` (availability, network links, ingress,
+    recorder, fault processes, workload); the clock gives its pending timers (``Clock.pending``).
+    """
+    wl_state, tensors = sim.workload.state()
+    state = {
+        "scenario": sim.scenario.to_yaml(),
+        "now": sim.env.now,
+        "sim_events": sim.env.events_processed - sim.restore_events,
+        "next_round": round_ + 1,
+        "select_rng": sim.select_rng.bit_generator.state,
+        "availability": sim.availability.state(),
+        "network": sim.network.state(),
+        "ingress": sim.ingress.state(),
+        "recorder": sim.rec.state(),
+        "per_client": {k: array(v) for k, v in sim.per_client.items()},
+        "compute_s": array(sim.compute_s),
+        "server_aggregate_s": sim.server_aggregate_s,
+        "quality_by_round": sim.quality_by_round,
+        "faults": sim.faults.state(),
+        "pending": [[t, *tag] for t, tag in sim.env.pending()],
+        "workload": wl_state,
+    }
+    return state, tensors
+
+
+def restore(sim: Simulation, state: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """Put the freshly built ``sim`` (its clock started at ``state["now"]``) in the
+    checkpointed state, before it runs."""
+    if state["scenario"] != sim.scenario.to_yaml():
+        raise FedsimError("--resume: the checkpoint was taken with another scenario "
+                          "(compare its state.json 'scenario' with this one's --set)")
+    sim.select_rng.bit_generator.state = state["select_rng"]
+    sim.availability.restore(state["availability"])
+    sim.network.restore(state["network"])
+    sim.ingress.restore(state["ingress"])
+    sim.rec.restore(state["recorder"])
+    for k, doc in state["per_client"].items():
+        sim.per_client[k] = from_array(doc)
+    sim.compute_s = from_array(state["compute_s"])
+    sim.server_aggregate_s = state["server_aggregate_s"]
+    sim.quality_by_round = list(state["quality_by_round"])
+    sim.workload.restore(state["workload"], tensors)
+    sim.first_round = state["next_round"]
+    # The clock: the pending timers again, in their order; then the fault processes restart
+    # (each makes its own timer). Every process started here adds an Initialize event the
+    # original run did not have: the round policy's, and each fault process's.
+    for _t, *tag in state["pending"]:
+        if tag[0] == "noop":
+            sim.env.timer(_t - sim.env.now)
+        elif tag[0] in ("wake", "flush"):
+            sim.network.restore_timer(tuple(tag))
+    sim.restore_events = 1 + sim.faults.restore(state["faults"])
+    sim.env.events_processed = state["sim_events"]
 
 
 # --- JSON form of numpy arrays (exact: floats as repr, ints as ints) ----------------------------

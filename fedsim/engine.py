@@ -21,168 +21,21 @@ import numpy as np
 import simpy
 
 from fedsim import checkpoint
-from fedsim.channels import DOWNLINK, UPLINK, SharedLink, WiredLink, make_channel
-from fedsim.devices import PROFILES, Fleet, build_fleet
+from fedsim.availability import Availability
+from fedsim.channels import DOWNLINK, UPLINK, Network, SharedLink, WiredLink
+from fedsim.clock import Clock
+from fedsim.devices import PROFILES, build_fleet
 from fedsim.errors import FedsimError
 from fedsim.executors import Executor, Job, JobFailed, make_executor
+from fedsim.faults import Faults
+from fedsim.ingress import Ingress, ServerFailure
 from fedsim.metrics import PHASES, Recorder, RunResult, percentiles
 from fedsim.plugins import ROUND_POLICIES
-from fedsim.rng import hashed_exponential, hashed_uniform, hashed_uniform_one, key, stream
+from fedsim.rng import key, stream
 from fedsim.scenario import Scenario
 from fedsim.workload import Arrival, Deferred, JobPlan, Upload, Workload, make_workload
 
 GIB = 2**30
-
-
-class CountingEnvironment(simpy.Environment):
-    """A SimPy environment that counts the events it processes (for benchmarks and summaries)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events_processed = 0
-
-    def step(self) -> None:
-        self.events_processed += 1
-        super().step()
-
-
-class Availability:
-    """On/off Markov chain per client with exponential holding times (mean_on_s, mean_off_s).
-
-    Holding times are counter-based draws keyed by (client, interval index), so a client's
-    timeline is fixed by the seed whatever is asked of it and when.
-    """
-
-    def __init__(self, fleet: Fleet, key_: int) -> None:
-        n = fleet.size
-        self._key = key_
-        self._mean = {True: fleet.mean_on_s, False: fleet.mean_off_s}
-        self.always_on = fleet.mean_off_s <= 0
-        p_on = fleet.mean_on_s / (fleet.mean_on_s + fleet.mean_off_s)  # stationary law
-        ids = np.arange(n)
-        self.on = self.always_on | (hashed_uniform(key_, ids, -1) < p_on)
-        self.count = np.zeros(n, dtype=np.int64)  # intervals begun so far
-        # Memoryless: the residual of the interval in progress at t=0 has the same law.
-        self.next_switch = self._draw(ids)
-        self.next_switch[self.always_on] = math.inf
-
-    def _draw(self, idx: np.ndarray) -> np.ndarray:
-        mean = np.where(self.on[idx], self._mean[True][idx], self._mean[False][idx])
-        return mean * hashed_exponential(self._key, idx, self.count[idx])
-
-    def _advance(self, idx: np.ndarray, t: float) -> None:
-        while True:
-            due = idx[self.next_switch[idx] <= t]
-            if not due.size:
-                return
-            self.on[due] = ~self.on[due]
-            self.count[due] += 1
-            self.next_switch[due] += self._draw(due)
-
-    def available(self, t: float) -> np.ndarray:
-        """Ids of the clients on at time ``t`` (t never decreases between calls)."""
-        self._advance(np.arange(len(self.on)), t)
-        return np.flatnonzero(self.on)
-
-    def next_off_s(self, client: int, t: float) -> float:
-        """When ``client``, on at ``t``, next goes off (inf: never)."""
-        if self.next_switch[client] <= t:  # rare: most clients have not switched since
-            self._advance(np.array([client]), t)
-        return float(self.next_switch[client]) if self.on[client] else t
-
-    def next_on_s(self, t: float) -> float:
-        """The earliest time after ``t`` at which some off client comes on."""
-        self._advance(np.arange(len(self.on)), t)
-        off = ~self.on
-        return float(self.next_switch[off].min()) if off.any() else t
-
-
-class Server:
-    """Server ingress: ``workers`` parallel workers and a bounded queue.
-
-    ``serve(work)`` waits for a worker, calls ``work()`` for the service time in seconds (the
-    real decode/projection happens at that moment) and holds the worker that long. A request
-    arriving when ``queue_capacity`` updates already wait is dropped (returns None).
-
-    The workers are a ``simpy.PreemptiveResource``: a failing worker (a request at priority
-    ``FAILURE`` with ``preempt=True``) takes a worker ahead of every update, preempting the
-    one it was serving, which is then queued again (``requeue``) or lost (``serve`` raises
-    :class:`ServerFailure`).
-    """
-
-    UPDATE, FAILURE = 1, 0  # request priorities: smaller goes first
-
-    def __init__(self, env: simpy.Environment, workers: int, queue_capacity: int,
-                 requeue: bool = True) -> None:
-        self.env = env
-        self.workers = workers
-        self.queue_capacity = queue_capacity
-        self.requeue = requeue
-        self.resource = simpy.PreemptiveResource(env, capacity=workers)
-        self.busy_s = 0.0  # worker-seconds of service
-        self.queue_max = 0
-        self.dropped = 0
-        self.waits_s: list[float] = []
-        self.queue_series: list[tuple[float, int]] = []
-
-    def _note_queue(self) -> None:
-        q = len(self.resource.queue)
-        self.queue_max = max(self.queue_max, q)
-        self.queue_series.append((self.env.now, q))
-
-    def serve(self, work: Callable[[], float], on_failure: Callable[[], None] | None = None
-              ) -> Generator[simpy.Event, None, float | None]:
-        if len(self.resource.queue) >= self.queue_capacity and self.resource.count >= self.workers:
-            self.dropped += 1
-            return None
-        arrived, wait, service_s = self.env.now, None, 0.0
-        while True:
-            with self.resource.request(priority=self.UPDATE, preempt=False) as req:
-                self._note_queue()
-                yield req
-                self._note_queue()
-                if wait is None:  # the first service does the work; a requeue only waits
-                    wait = self.env.now - arrived
-                    self.waits_s.append(wait)
-                    service_s = work()
-                started = self.env.now
-                try:
-                    yield self.env.timeout(service_s)
-                except simpy.Interrupt:  # its worker failed mid-service
-                    self.busy_s += self.env.now - started
-                    if on_failure is not None:
-                        on_failure()
-                    if not self.requeue:
-                        raise ServerFailure() from None
-                    continue
-                self.busy_s += service_s
-            return wait
-
-
-class ServerFailure(Exception):
-    """The server worker serving an update failed and the update is lost."""
-
-
-class Network:
-    """One shared uplink and downlink per cell, and dedicated wired links."""
-
-    def __init__(self, env: simpy.Environment, scenario: Scenario, fleet: Fleet) -> None:
-        cells = scenario.network.cells
-        channel = make_channel(scenario.network.channel, cells, fleet,
-                               stream(scenario.seed, "channel"))
-        self.channel = channel
-        self.cells = {d: [SharedLink(env, channel, i, d) for i in range(len(cells))]
-                      for d in (UPLINK, DOWNLINK)}
-        self.wired = WiredLink(env, fleet.wired_rate_bps)
-        self.fleet = fleet
-
-    def link(self, client: int, direction: str) -> SharedLink | WiredLink:
-        cell = int(self.fleet.cell[client])
-        return self.wired if cell < 0 else self.cells[direction][cell]
-
-    def utilization(self, direction: str, sim_time_s: float) -> float:
-        links = self.cells[direction]
-        return sum(lk.busy_s for lk in links) / (len(links) * sim_time_s) if sim_time_s else 0.0
 
 
 @dataclass
@@ -202,14 +55,14 @@ class Simulation:
     """The world of one scenario run; ``run()`` plays it to the end."""
 
     def __init__(self, scenario: Scenario, workload: Workload | None = None,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, start_s: float = 0.0) -> None:
         self.scenario = scenario
-        self.env = CountingEnvironment()
+        self.env = Clock(start_s)  # a resumed run starts at its checkpoint's time
         self.fleet = build_fleet(scenario, stream(scenario.seed, "fleet"))
         self.network = Network(self.env, scenario, self.fleet)
-        self.server = Server(self.env, scenario.server.workers, scenario.server.queue_capacity,
-                             requeue=scenario.faults.on_server_failure == "requeue")
-        self.crash_key = key(scenario.seed, "faults.crash")
+        self.ingress = Ingress(self.env, scenario.server.workers, scenario.server.queue_capacity,
+                               requeue=scenario.faults.on_server_failure == "requeue")
+        self.faults = Faults(self)
         self.availability = Availability(self.fleet, key(scenario.seed, "availability"))
         self.select_rng = stream(scenario.seed, "selection")
         self.rec = Recorder(keep_events=scenario.output.events)
@@ -223,7 +76,6 @@ class Simulation:
         self.compute_s = np.zeros(n)
         self.server_aggregate_s = 0.0
         self.quality_by_round: list[dict[str, float]] = []
-        self.faults: dict[str, dict] = {}  # fault process -> its state (see _fault)
         self.first_round = 0  # a resumed run starts later
         self.checkpoint_to: Path | None = None  # run directory whose checkpoints/ to write
         self.restore_events = 0  # SimPy events a restore adds that the original run had not
@@ -241,9 +93,7 @@ class Simulation:
             if proc.is_alive and not tk.arrived:
                 proc.interrupt("dropout")
 
-        ev = self.env.timeout(t_off - self.env.now)
-        ev.callbacks.append(drop)
-        ev.fedsim_tag = ("noop",)  # after the update, a no-op that still counts as an event
+        self.env.timer(t_off - self.env.now, callback=drop)  # after the update: a no-op
 
     def _transfer(self, tk: Ticket, direction: str, nbytes: int
                   ) -> Generator[simpy.Event, None, bool]:
@@ -278,7 +128,7 @@ class Simulation:
         self.rec.emit(env.now, tk.round, c, "train_start", 0, f"flops={plan.flops:.4g}")
         tk.job = self.executor.submit_train(wl, c, tk.round, plan)
         compute_s = plan.flops / self.fleet.flops_per_s[c]
-        yield env.timeout(compute_s)
+        yield env.timer(compute_s)
         job, tk.job = tk.job, None
         self.compute_s[c] += compute_s
         self.rec.latency("compute", compute_s)
@@ -307,11 +157,11 @@ class Simulation:
         faults = self.scenario.faults
         try:
             while True:
-                self._schedule_crash(tk, proc)
+                self.faults.schedule_crash(tk, proc)
                 try:
                     if tk.attempt:  # rebooting after a crash
                         tk.phase = "restart"
-                        yield env.timeout(faults.restart_s)
+                        yield env.timer(faults.restart_s)
                     sent = yield from self._attempt(tk, deadline_at, uplink)
                     break
                 except simpy.Interrupt as stop:
@@ -352,24 +202,6 @@ class Simulation:
             return None
         return plan, upload
 
-    def _schedule_crash(self, tk: Ticket, proc: simpy.Process) -> None:
-        """Interrupt this try at an Exp(client_crash_per_h) time, unless it is over by then.
-        The draw is keyed by (client, round, try): the same whatever else happens."""
-        rate_per_s = self.scenario.faults.client_crash_per_h / 3600.0
-        if rate_per_s <= 0:
-            return
-        attempt = tk.attempt
-        u = hashed_uniform_one(self.crash_key, tk.client, tk.round * 1024 + attempt)
-        after_s = -math.log(u) / rate_per_s
-
-        def crash(_event: simpy.Event) -> None:
-            if proc.is_alive and not tk.arrived and tk.attempt == attempt:
-                proc.interrupt("crash")
-
-        ev = self.env.timeout(after_s)
-        ev.callbacks.append(crash)
-        ev.fedsim_tag = ("noop",)
-
     def _ingest(self, tk: Ticket, num_samples: int, upload: Upload
                 ) -> Generator[simpy.Event, None, Arrival | None]:
         """Step 6-7: wait for a server worker, decode and project; or be dropped."""
@@ -382,11 +214,11 @@ class Simulation:
             return ing.flops / self.scenario.server.flops_per_s
 
         def lost() -> None:
-            how = "requeued" if self.server.requeue else "lost"
+            how = "requeued" if self.ingress.requeue else "lost"
             self.rec.emit(env.now, tk.round, c, "server_failure", upload.nbytes, how)
 
         try:
-            wait = yield from self.server.serve(work, lost)
+            wait = yield from self.ingress.serve(work, lost)
         except ServerFailure:
             return self._failed(c)
         if wait is None:
@@ -417,8 +249,8 @@ class Simulation:
         """Until some client is available (all may be off at once)."""
         avail = self.available()
         while not avail.size:
-            yield self.env.timeout(max(self.availability.next_on_s(self.env.now) - self.env.now,
-                                       1e-9))
+            yield self.env.timer(max(self.availability.next_on_s(self.env.now) - self.env.now,
+                                     1e-9))
             avail = self.available()
         return avail
 
@@ -434,7 +266,7 @@ class Simulation:
         env = self.env
         flops = self.workload.aggregate(round_, arrivals)
         agg_s = flops / self.scenario.server.flops_per_s
-        yield env.timeout(agg_s)
+        yield env.timer(agg_s)
         self.server_aggregate_s += agg_s
         self.rec.emit(env.now, round_, -1, "aggregate", 0, f"updates={len(arrivals)}")
         quality = self.workload.evaluate(round_)
@@ -449,78 +281,6 @@ class Simulation:
             self._fill_quality(len(self.quality_by_round) - 1, quality)
         self.rec.emit(env.now, round_, -1, "round_end", 0, f"aggregated={len(arrivals)}")
         self.on_round(len(self.rec.rounds))
-
-    # --- faults of the world (scenario.faults) ----------------------------------------------
-    # Each fault process keeps its state in ``self.faults`` (the next draw's index, whether it
-    # is down, until when it waits) so that a checkpoint can restart it where it was.
-
-    def _start_faults(self) -> None:
-        f = self.scenario.faults
-        if f.link_outage_per_h > 0:
-            for cell in range(len(self.scenario.network.cells)):
-                self._fault(f"link:{cell}")
-        if f.server_failure_per_h > 0:
-            for worker in range(self.server.workers):
-                self._fault(f"server:{worker}")
-
-    def _fault(self, name: str, state: dict | None = None) -> simpy.Process:
-        self.faults[name] = state or {"n": 0, "down": False, "until": None}
-        kind, unit = name.split(":")
-        body = self._link_outages if kind == "link" else self._worker_failures
-        return self.env.process(body(int(unit), self.faults[name]))
-
-    def _exp_s(self, name: str, unit: int, n: int, mean_s: float) -> float:
-        """An Exp(mean) draw of fault process ``name`` for ``unit``, keyed by (unit, n)."""
-        return -math.log(hashed_uniform_one(key(self.scenario.seed, f"faults.{name}"), unit, n)
-                         ) * mean_s
-
-    def _timer(self, at: float) -> simpy.Timeout:
-        ev = self.env.timeout(at - self.env.now)
-        ev.fedsim_tag = ("fault",)  # restored by restarting its process from self.faults
-        return ev
-
-    def _link_outages(self, cell: int, st: dict) -> Generator[simpy.Event, None, None]:
-        """Up for Exp(1/rate), down for Exp(link_outage_s), again and again."""
-        f, env = self.scenario.faults, self.env
-        links = [self.network.cells[d][cell] for d in (UPLINK, DOWNLINK)]
-        while True:
-            if st["until"] is None:
-                st["until"] = env.now + self._exp_s("link_outage", cell, st["n"],
-                                                    3600.0 / f.link_outage_per_h)
-            yield self._timer(st["until"])
-            if st["down"]:
-                for link in links:
-                    link.set_outage(False)
-                st["down"], st["n"], st["until"] = False, st["n"] + 1, None
-                self.rec.emit(env.now, -1, -1, "link_up", 0, f"cell={cell}")
-            else:
-                down_s = self._exp_s("link_outage_s", cell, st["n"], f.link_outage_s)
-                self.rec.emit(env.now, -1, -1, "link_down", 0, f"cell={cell} for={down_s:.6g}")
-                for link in links:
-                    link.set_outage(True)
-                st["down"], st["until"] = True, env.now + down_s
-
-    def _worker_failures(self, worker: int, st: dict) -> Generator[simpy.Event, None, None]:
-        """Up for Exp(1/rate), then the worker fails (preempting the update it serves) and is
-        repaired after server_repair_s, again and again."""
-        f, env, server = self.scenario.faults, self.env, self.server
-        while True:
-            restored_down = st["down"]
-            if not restored_down:
-                if st["until"] is None:
-                    st["until"] = env.now + self._exp_s("server_failure", worker, st["n"],
-                                                        3600.0 / f.server_failure_per_h)
-                yield self._timer(st["until"])
-            with server.resource.request(priority=Server.FAILURE, preempt=True) as req:
-                yield req
-                if restored_down:  # back under repair: the grant is not an original event
-                    self.restore_events += 1
-                else:
-                    self.rec.emit(env.now, -1, -1, "server_down", 0, f"worker={worker}")
-                    st["down"], st["until"] = True, env.now + f.server_repair_s
-                yield self._timer(st["until"])
-            st["down"], st["n"], st["until"] = False, st["n"] + 1, None
-            self.rec.emit(env.now, -1, -1, "server_up", 0, f"worker={worker}")
 
     def _fill_quality(self, i: int, quality: dict[str, float]) -> None:
         self.quality_by_round[i] = quality
@@ -545,90 +305,7 @@ class Simulation:
         if round_ + 1 >= self.scenario.rounds:
             return  # the run directory itself comes next
         self._settle_quality()
-        state, tensors = self.checkpoint_state(round_)
-        checkpoint.save(self.checkpoint_to, round_, state, tensors)
-
-    def _pending(self) -> list[list]:
-        """The events on the clock now, in their order, as restorable tags."""
-        out = []
-        for t, prio, _eid, ev in sorted(self.env._queue):
-            tag = getattr(ev, "fedsim_tag", None)
-            if tag is None and isinstance(ev, simpy.Timeout) and not ev.callbacks:
-                tag = ("noop",)  # a wait an interrupt abandoned (deadline, dropout, crash)
-            if tag is None:
-                raise RuntimeError(f"cannot checkpoint: untagged pending event {ev!r} at {t}")
-            out.append([t, prio, *tag])
-        return out
-
-    def checkpoint_state(self, round_: int) -> tuple[dict, dict]:
-        """Everything the rest of the run depends on, after round ``round_`` (JSON, tensors)."""
-        rec, av, A = self.rec, self.availability, checkpoint.array
-        wl_state, tensors = self.workload.checkpoint_state()
-        state = {
-            "scenario": self.scenario.to_yaml(),
-            "now": self.env.now,
-            "sim_events": self.env.events_processed - self.restore_events,
-            "next_round": round_ + 1,
-            "select_rng": self.select_rng.bit_generator.state,
-            "availability": {"on": A(av.on), "count": A(av.count),
-                             "next_switch": A(av.next_switch)},
-            "links": {f"{d}:{i}": lk.snapshot() for d, links in self.network.cells.items()
-                      for i, lk in enumerate(links)},
-            "wired_bits": self.network.wired.bits_carried,
-            "server": {"busy_s": self.server.busy_s, "queue_max": self.server.queue_max,
-                       "dropped": self.server.dropped, "waits_s": self.server.waits_s,
-                       "queue_series": self.server.queue_series},
-            "recorder": rec.state(),
-            "per_client": {k: A(v) for k, v in self.per_client.items()},
-            "compute_s": A(self.compute_s),
-            "server_aggregate_s": self.server_aggregate_s,
-            "quality_by_round": self.quality_by_round,
-            "faults": self.faults,
-            "pending": self._pending(),
-            "workload": wl_state,
-        }
-        return state, tensors
-
-    def restore(self, state: dict, tensors: dict) -> None:
-        """Put this freshly built world in the checkpointed state (before ``run``)."""
-        if state["scenario"] != self.scenario.to_yaml():
-            raise FedsimError("--resume: the checkpoint was taken with another scenario "
-                              "(compare its state.json 'scenario' with this one's --set)")
-        env, av, F = self.env, self.availability, checkpoint.from_array
-        env._now = state["now"]
-        self.select_rng.bit_generator.state = state["select_rng"]
-        av.on, av.count, av.next_switch = (F(state["availability"][k])
-                                           for k in ("on", "count", "next_switch"))
-        for name, doc in state["links"].items():
-            d, i = name.split(":")
-            self.network.cells[d][int(i)].restore(doc)
-        self.network.wired.bits_carried = state["wired_bits"]
-        sv = state["server"]
-        self.server.busy_s, self.server.queue_max, self.server.dropped = (
-            sv["busy_s"], sv["queue_max"], sv["dropped"])
-        self.server.waits_s = list(sv["waits_s"])
-        self.server.queue_series = [tuple(x) for x in sv["queue_series"]]
-        self.rec.restore(state["recorder"])
-        for k, doc in state["per_client"].items():
-            self.per_client[k] = F(doc)
-        self.compute_s = F(state["compute_s"])
-        self.server_aggregate_s = state["server_aggregate_s"]
-        self.quality_by_round = list(state["quality_by_round"])
-        self.workload.restore_state(state["workload"], tensors)
-        self.first_round = state["next_round"]
-        # The clock: the pending events again, in their order; fault processes restart.
-        self.restore_events = 1  # the policy's new process starts with an Initialize event
-        for t, _prio, kind, *rest in state["pending"]:
-            if kind == "noop":
-                env.timeout(t - env.now).fedsim_tag = ("noop",)
-            elif kind == "wake":
-                self.network.cells[rest[0]][rest[1]].rewake(rest[2])
-            elif kind == "flush":
-                self.network.cells[rest[0]][rest[1]].refresh()
-        for name, st in state["faults"].items():
-            self._fault(name, dict(st))
-            self.restore_events += 1  # its Initialize
-        self.env.events_processed = state["sim_events"]
+        checkpoint.save(self.checkpoint_to, round_, *checkpoint.snapshot(self, round_))
 
     # --- the run ----------------------------------------------------------------------------
 
@@ -638,7 +315,7 @@ class Simulation:
         wall0 = time.perf_counter()
         try:
             if not self.first_round:
-                self._start_faults()
+                self.faults.start()
             main = self.env.process(self.policy.run())
             self.env.run(until=main)
         finally:
@@ -648,7 +325,7 @@ class Simulation:
         summary = self.summarize(time.perf_counter() - wall0)
         return RunResult(scenario_yaml=self.scenario.to_yaml(), summary=summary,
                          recorder=self.rec, clients=self.client_rows(),
-                         timeseries=[(t, "server_queue", q) for t, q in self.server.queue_series])
+                         timeseries=[(t, "server_queue", q) for t, q in self.ingress.queue_series])
 
     def client_rows(self) -> list[dict[str, object]]:
         f = self.fleet
@@ -664,7 +341,7 @@ class Simulation:
         by_profile = self.fleet.profile_index()
         compute = {p: (float(self.compute_s[by_profile[p]].sum()) / (len(by_profile[p]) * T)
                        if p in by_profile and T > 0 else 0.0) for p in PROFILES}
-        server_busy = self.server.busy_s + self.server_aggregate_s
+        server_busy = self.ingress.busy_s + self.server_aggregate_s
         metric = self.workload.primary_metric()
         raw, up = rec.bytes_up_raw, rec.bytes_up
         return {
@@ -674,9 +351,9 @@ class Simulation:
             "rounds_completed": len(rec.rounds),
             "latency_s": {p: percentiles(rec.latency_s[p]) for p in PHASES},
             "overload": {
-                "server_queue_max": self.server.queue_max,
-                "server_wait_p95_s": percentiles(self.server.waits_s)["p95"],
-                "dropped_updates": self.server.dropped,
+                "server_queue_max": self.ingress.queue_max,
+                "server_wait_p95_s": percentiles(self.ingress.waits_s)["p95"],
+                "dropped_updates": self.ingress.dropped,
                 "deadline_misses": rec.counts["deadline_miss"],
                 "oom_failures": rec.counts["oom"],
                 "dropouts": rec.counts["dropout"],
@@ -691,7 +368,7 @@ class Simulation:
             "utilization": {
                 "uplink": self.network.utilization(UPLINK, T),
                 "downlink": self.network.utilization(DOWNLINK, T),
-                "server": server_busy / (self.server.workers * T) if T > 0 else 0.0,
+                "server": server_busy / (self.ingress.workers * T) if T > 0 else 0.0,
                 "compute": compute,
             },
             "comm": {
@@ -724,15 +401,18 @@ def run(scenario: Scenario, workload: Workload | None = None,
     default the scenario's). With ``run_dir``, checkpoints go to ``run_dir/checkpoints/``
     (``output.checkpoint_every``); with ``resume``, the run continues from that directory's
     latest checkpoint."""
-    sim = Simulation(scenario, workload, executor)
+    saved = None
+    if resume is not None:
+        found = checkpoint.latest(resume)
+        if found is None:
+            raise FedsimError(f"--resume {resume}: no checkpoint there (a run writes them "
+                              "with output.checkpoint_every)")
+        saved = checkpoint.load(found)
+    sim = Simulation(scenario, workload, executor, start_s=saved[0]["now"] if saved else 0.0)
     try:
         sim.checkpoint_to = Path(run_dir) if run_dir is not None else None
-        if resume is not None:
-            found = checkpoint.latest(resume)
-            if found is None:
-                raise FedsimError(f"--resume {resume}: no checkpoint there (a run writes them "
-                                  "with output.checkpoint_every)")
-            sim.restore(*checkpoint.load(found))
+        if saved is not None:
+            checkpoint.restore(sim, *saved)
         return sim.run(progress)
     finally:
         sim.workload.close()

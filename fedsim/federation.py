@@ -344,7 +344,7 @@ class LoraWorkload(Workload):
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Family adapters and versions, error-feedback residuals, each client's last (start,
         delta) and the server models' merged weights. Tensors are cloned: safetensors refuses
         tensors that share memory (clients share their family's start adapter)."""
@@ -366,7 +366,7 @@ class LoraWorkload(Workload):
                  "last": sorted(self._last)}
         return state, t
 
-    def restore_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         def take(prefix: str) -> dict[str, torch.Tensor]:
             head = prefix + "/"
             return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}

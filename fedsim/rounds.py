@@ -87,8 +87,7 @@ class DeadlineRounds(SyncRounds):
         env = self.sim.env
         procs = [p for _, p in running]
         left_s = max((deadline_at if deadline_at is not None else env.now) - env.now, 0.0)
-        timer = env.timeout(left_s)
-        timer.fedsim_tag = ("noop",)  # may outlive the round, firing into nothing
+        timer = env.timer(left_s)  # may outlive the round, firing into nothing
         yield env.all_of(procs) | timer
         for tk, p in running:
             if p.is_alive and not tk.arrived:

@@ -140,12 +140,12 @@ class Workload(ABC):
         """Final per-client quality, if the workload measures it."""
         return {}
 
-    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """What the rest of the run depends on, between rounds: (JSON, name -> tensor)."""
         return {}, {}
 
-    def restore_state(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
-        """Take the state :meth:`checkpoint_state` returned (on a freshly built workload)."""
+    def restore(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
+        """Take the state :meth:`state` returned (on a freshly built workload)."""
 
     def close(self) -> None:
         """Release executors and models."""

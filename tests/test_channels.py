@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import simpy
 
 from fedsim.channels import (
     CHANNELS,
@@ -16,13 +15,14 @@ from fedsim.channels import (
     pathloss_db,
     rayleigh_power_gain,
 )
+from fedsim.clock import Clock
 from fedsim.devices import build_fleet
 from fedsim.errors import FedsimError
 
 
 def _world(sc):
     fleet = build_fleet(sc, np.random.default_rng(0))
-    env = simpy.Environment()
+    env = Clock()
     ch = make_channel(sc.network.channel, sc.network.cells, fleet, np.random.default_rng(1))
     return env, fleet, ch
 
@@ -241,10 +241,10 @@ def test_trace_channel_bad_file(tmp_path, scenario_factory):
 
 
 def test_wired_clients_bypass_the_cell(scenario_factory):
-    from fedsim.engine import Network
+    from fedsim.channels import Network
 
     sc = scenario_factory(clients=[{"profile": "cloud", "count": 2}])
-    env = simpy.Environment()
+    env = Clock()
     fleet = build_fleet(sc, np.random.default_rng(0))
     net = Network(env, sc, fleet)
     assert net.link(0, UPLINK) is net.wired

@@ -2,11 +2,14 @@
 
 import numpy as np
 import pytest
-import simpy
 from doubles import FixedWorkload
 
-from fedsim.engine import ROUND_POLICIES, Availability, Server, Simulation
+from fedsim.availability import Availability
+from fedsim.clock import Clock
+from fedsim.engine import Simulation
+from fedsim.ingress import Ingress as Server
 from fedsim.metrics import write_run_dir
+from fedsim.plugins import ROUND_POLICIES
 
 
 def _sim(sc, **kw):
@@ -22,7 +25,7 @@ def test_round_policy_registry():
 def test_mm1_mean_wait_matches_theory():
     """Poisson arrivals (lambda) at one worker with Exp(mu) service: W_q = rho / (mu - lambda)."""
     lam, mu, n = 0.5, 1.0, 200_000
-    env = simpy.Environment()
+    env = Clock()
     server = Server(env, workers=1, queue_capacity=10**9)
     rng = np.random.default_rng(7)
     service = rng.exponential(1 / mu, size=n)
@@ -46,7 +49,7 @@ def test_mm1_mean_wait_matches_theory():
 
 
 def test_bounded_queue_drops():
-    env = simpy.Environment()
+    env = Clock()
     server = Server(env, workers=1, queue_capacity=2)
     results = []
 
@@ -235,8 +238,9 @@ def test_network_only_two_rounds_give_the_recorded_summary():
     before the engine was split into rooms, unchanged (wall time aside)."""
     from pathlib import Path
 
-    from fedsim.scenario import load
     from test_scenarios import GOLDEN, assert_same_summary
+
+    from fedsim.scenario import load
 
     root = Path(__file__).resolve().parent.parent
     sc = load(root / "scenarios" / "network-only.yaml", ["rounds=2", "seed=1"])

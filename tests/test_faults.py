@@ -2,13 +2,15 @@
 
 import numpy as np
 import pytest
-import simpy
 from doubles import FixedWorkload
 from test_channels import _world
 
 from fedsim.channels import UPLINK, SharedLink
-from fedsim.engine import Server, ServerFailure, Simulation
+from fedsim.clock import Clock
+from fedsim.engine import Simulation
 from fedsim.errors import FedsimError
+from fedsim.ingress import Ingress as Server
+from fedsim.ingress import ServerFailure
 
 
 def _sim(sc, **kw):
@@ -81,7 +83,7 @@ def test_a_flow_that_joins_during_an_outage_waits_for_its_end(scenario_factory):
 
 @pytest.mark.parametrize("requeue", [True, False])
 def test_a_failing_worker_preempts_the_update_it_serves(requeue):
-    env = simpy.Environment()
+    env = Clock()
     server = Server(env, workers=1, queue_capacity=10, requeue=requeue)
     log = []
 

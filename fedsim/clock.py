@@ -1,0 +1,55 @@
+"""The simulated clock: SimPy's environment, counting the events it processes and keeping a
+ledger of the timers fedsim schedules.
+
+Every timeout fedsim creates goes through :meth:`Clock.timer` with a *tag* that says how to
+schedule it again: ``("noop",)`` for a wait that only has to fire (a process waiting, a
+deadline, a dropout or crash timer that may outlive its update), ``("wake", direction, cell,
+at)`` and ``("flush", direction, cell)`` for a shared link's recomputations, ``("fault",)`` for
+a fault process's timer (restarted by the process itself). A checkpoint lists
+:meth:`Clock.pending` — in SimPy's own order: every timer is a NORMAL-priority event, so the
+heap orders them by (time, creation) — without reading SimPy's private queue, and a resumed
+run starts its clock at the checkpoint's time through SimPy's public ``initial_time``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import simpy
+
+Tag = tuple[Any, ...]
+NOOP: Tag = ("noop",)
+
+
+class Clock(simpy.Environment):
+    """A SimPy environment that counts its events and knows its pending timers."""
+
+    def __init__(self, initial_time: float = 0.0) -> None:
+        super().__init__(initial_time)
+        self.events_processed = 0
+        self._ids = itertools.count()
+        self._ledger: dict[int, tuple[float, Tag]] = {}  # timer id -> (fires at s, tag)
+
+    def step(self) -> None:
+        self.events_processed += 1
+        super().step()
+
+    def timer(self, delay_s: float, tag: Tag = NOOP,
+              callback: Callable[[simpy.Event], None] | None = None,
+              value: Any = None) -> simpy.Timeout:
+        """A timeout ``delay_s`` from now (succeeding with ``value``), in the ledger until it
+        fires; ``callback`` runs when it does (after the ledger forgets it)."""
+        ev = self.timeout(delay_s, value)
+        n = next(self._ids)
+        self._ledger[n] = (self.now + delay_s, tag)
+        ev.callbacks.append(lambda _e: self._ledger.pop(n, None))
+        if callback is not None:
+            ev.callbacks.append(callback)
+        return ev
+
+    def pending(self) -> list[tuple[float, Tag]]:
+        """The timers still to fire, in the order SimPy will fire them: (time s, tag)."""
+        return [self._ledger[n] for n in sorted(self._ledger,
+                                                key=lambda n: (self._ledger[n][0], n))]
