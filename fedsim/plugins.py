@@ -58,6 +58,8 @@ DATASETS: Registry[Any] = Registry("dataset", home="fedsim.data")
 MODELS: Registry[Any] = Registry("model", home="fedsim.models")
 MODELS.declare("minilm-l6", "mpnet-base", "smollm2-135m", "gemma3-270m",  # packaged
                "tiny-bert", "tiny-mpnet", "tiny-llama", "tiny-gemma3")  # random-init, for tests
+TASKS: Registry[Any] = Registry("task", home="fedsim.tasks")
+TASKS.declare("classification", "multiple-choice", "generation")  # no options of their own yet
 
 
 # --- channels (fedsim.channels) -------------------------------------------------------------

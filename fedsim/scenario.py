@@ -30,6 +30,7 @@ from fedsim.plugins import (
     EXECUTORS,
     PARTITIONERS,
     ROUND_POLICIES,
+    TASKS,
     TRANSFERS,
     WORKLOADS,
     Config,
@@ -157,7 +158,7 @@ class ServerConfig(Config):
 
 class TaskConfig(Config):
     dataset: str = "bbc-news"
-    kind: Literal["classification", "multiple-choice", "generation"] = "classification"
+    kind: str = "classification"  # a task (registry TASKS) the dataset offers
     partition: PARTITIONERS.union("dirichlet") = DirichletPartitionConfig()
     max_train_examples: int | None = Field(default=None, ge=1)
     eval_examples: int = Field(default=200, ge=1)
@@ -166,6 +167,11 @@ class TaskConfig(Config):
     @classmethod
     def _known_dataset(cls, v: str) -> str:
         return DATASETS.require(v)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        return TASKS.require(v)
 
     @model_validator(mode="after")
     def _dataset_has_kind(self) -> TaskConfig:

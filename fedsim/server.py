@@ -124,7 +124,7 @@ class ServerModel:
     baseline is a sensible classifier rather than a random head.
     """
 
-    def __init__(self, model_name: str, task: str = "classification",
+    def __init__(self, model_name: str, task: str,
                  num_labels: int | None = None, seed: int = 0, *, projector: str = "lstsq",
                  projector_options: Mapping[str, Any] | None = None,
                  probe_examples: Sequence[Example] = (), max_length: int = 64,
@@ -172,7 +172,7 @@ class ServerModel:
 
     def fit_linear_probe(self, examples: Sequence[Example], l2: float = 1e-3) -> None:
         """Fit the head's final linear layer on the frozen features of labelled ``examples``."""
-        if self.trainer.task != "classification" or self.head is None:
+        if not self.trainer.task.has_classes or self.head is None:
             raise FedsimError("a linear probe needs a classification task and head")
         features = head_inputs(self, [e.text for e in examples], self.max_length,
                                self.batch_size)

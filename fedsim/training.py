@@ -1,4 +1,4 @@
-"""Local LoRA fine-tuning of one client, its FLOP and memory accounting, and evaluation metrics.
+"""Local LoRA fine-tuning of one client, and its FLOP and memory accounting.
 
 One ``FamilyTrainer`` per (model family, task) loads one frozen base model and wraps it once with
 peft; clients differ only by their adapter (LoRA A/B of the target modules plus the task head),
@@ -10,12 +10,8 @@ the tokens, FLOPs (4·N·tokens, see DESIGN "The one rule") and peak memory are 
 training; the simulator waits ``flops / device FLOP/s`` and checks the memory against the device.
 ``train`` then runs exactly that plan and returns the adapter delta.
 
-Prompts for generation are ``PROMPTS[dataset]`` (default ``"{text}\\n=>"``): the text's tokens are
-cut so that prompt + target fit in ``max_length``; the target follows with a space and ends with
-the end-of-sequence token; only target tokens carry the loss. Greedy decoding stops at the
-end-of-sequence token, and the decoded text is cut at its first newline (targets are one line).
-Causal-LM batches are left-padded (position ids count real tokens only) so that the logits, the
-costliest part of a small LM with a 50k-260k vocabulary, are computed for the target positions only.
+What depends on the task (the model head, tokenization and batching, the loss, the metrics) is
+asked of the trainer's task entry (registry ``TASKS``, :mod:`fedsim.tasks`).
 """
 
 from __future__ import annotations
@@ -26,19 +22,16 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
-import sacrebleu
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, TaskType, get_peft_model
-from rouge_score import rouge_scorer
-from sklearn.metrics import confusion_matrix, f1_score
+from peft import LoraConfig, get_peft_model
 
 from fedsim.data import Example
 from fedsim.errors import FedsimError
 from fedsim.models import load_model, non_embedding_parameters
+from fedsim.plugins import TASKS
+from fedsim.tasks import Batch, Row, Task
 
 ROLES = ("q", "k", "v", "o", "up", "gate", "down")
 
@@ -56,14 +49,6 @@ ROLE_MODULES: dict[str, dict[str, str]] = {
     "llama": dict(_DECODER_ROLES),
     "gemma3": dict(_DECODER_ROLES),
 }
-
-HEAD_FOR_TASK = {"classification": "sequence-classification",
-                 "multiple-choice": "multiple-choice", "generation": "causal-lm"}
-
-# Generation prompts by dataset name; "{text}" is replaced by the (cut) example text.
-PROMPTS = {"bbc-news": "{text}\nHeadline:",
-           "freedict-en-de": "Translate to German: {text}\nGerman:"}
-DEFAULT_PROMPT = "{text}\n=>"
 
 
 @contextmanager
@@ -157,16 +142,6 @@ def peak_memory_bytes(total_params: int, trainable_params: int, batch: int, seq_
     return round(states + activations + logits)
 
 
-def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
-    """Unweighted mean over classes of F1 = 2TP / (2TP + FP + FN).
-
-    Classes absent from both truth and predictions are left out: no ``labels``, so scikit-learn
-    averages over the labels seen in either. A class predicted but never true, or true but never
-    predicted, scores 0 (``zero_division=0`` also keeps it from warning).
-    """
-    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
-
-
 def adapter_bytes(adapter: dict[str, torch.Tensor]) -> int:
     """Bytes of an adapter's tensors as stored (fp32: 4 per value)."""
     return sum(t.numel() * t.element_size() for t in adapter.values())
@@ -248,45 +223,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoding and batching
-
-
-class _Row(NamedTuple):
-    """One tokenized sequence: an example has 1 row, or one per choice for multiple choice."""
-
-    ids: tuple[int, ...]
-    types: tuple[int, ...] | None  # token type ids (BERT), None where the model has none
-    labels: tuple[int, ...] | None  # causal-LM labels (-100 on the prompt), None otherwise
-
-
-def _pad(seqs: Sequence[Sequence[int]], value: int, length: int, left: bool) -> torch.Tensor:
-    """(len(seqs), length) int64 tensor, each sequence padded with ``value``."""
-    out = torch.full((len(seqs), length), value, dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        start = length - len(seq) if left else 0
-        out[i, start:start + len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return out
-
-
-def _logit_positions(rows: Sequence[_Row]) -> int:
-    """Positions whose logits a left-padded causal-LM batch needs: the longest target, plus
-    the prompt's last token, which predicts the target's first."""
-    return 1 + max(sum(t != -100 for t in r.labels or ()) for r in rows)
-
-
-def _collate(rows: Sequence[_Row], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
-    """Model inputs for ``rows`` padded to the longest (dynamic padding)."""
-    length = max(len(r.ids) for r in rows)
-    batch = {"input_ids": _pad([r.ids for r in rows], pad_id, length, left),
-             "attention_mask": _pad([[1] * len(r.ids) for r in rows], 0, length, left)}
-    if rows[0].types is not None:
-        batch["token_type_ids"] = _pad([r.types or () for r in rows], 0, length, left)
-    if rows[0].labels is not None:
-        batch["labels"] = _pad([r.labels or () for r in rows], -100, length, left)
-    return batch
-
-
-# ---------------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -301,16 +237,13 @@ class FamilyTrainer:
 
     def __init__(self, model_name: str, task: str, num_labels: int | None,
                  cfg: LocalTrainingConfig, seed: int, dataset: str | None = None) -> None:
-        if task not in HEAD_FOR_TASK:
-            raise FedsimError(f"task must be one of {', '.join(HEAD_FOR_TASK)}, got {task!r}")
-        if task == "classification" and (num_labels is None or num_labels < 2):
-            raise FedsimError(f"classification needs num_labels >= 2, got {num_labels}")
-        self.task, self.cfg = task, cfg
-        self.generative = task == "generation"
-        self.prompt = PROMPTS.get(dataset or "", DEFAULT_PROMPT)
-        loaded = load_model(model_name, HEAD_FOR_TASK[task], num_labels, seed=seed)
+        kind = TASKS.get(task)
+        kind.check_num_labels(num_labels)
+        self.task: Task = kind(dataset)  # the dataset names the prompt of a generation task
+        self.cfg = cfg
+        loaded = load_model(model_name, kind.head, num_labels, seed=seed)
         self.tokenizer, self.spec = loaded.tokenizer, loaded.spec
-        self.num_classes = num_labels if task == "classification" else None
+        self.num_classes = num_labels if kind.has_classes else None
         base = loaded.model
         self.non_embedding_params = non_embedding_parameters(base)  # N, before LoRA is added
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -324,17 +257,13 @@ class FamilyTrainer:
         self._initial = {k: p.detach().clone() for k, p in self._params.items()}
         self.total_params = sum(p.numel() for p in self.model.parameters())
         self.trainable_params = sum(p.numel() for p in self._params.values())
-        self._cache: dict[Example, tuple[_Row, ...]] = {}  # training encodings, by value
+        self._cache: dict[Example, tuple[Row, ...]] = {}  # training encodings, by value
 
     def _lora_config(self) -> LoraConfig:
-        options = {"r": self.cfg.lora_r, "lora_alpha": self.cfg.lora_alpha,
-                   "lora_dropout": self.cfg.lora_dropout,
-                   "target_modules": target_modules(self.spec.architecture, self.cfg.target_roles)}
-        if self.task == "classification":  # peft adds the head (classifier/score) as trainable
-            return LoraConfig(task_type=TaskType.SEQ_CLS, **options)
-        if self.task == "multiple-choice":  # peft has no such task type: name the head
-            return LoraConfig(modules_to_save=["classifier"], **options)
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, **options)
+        return LoraConfig(
+            r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
+            target_modules=target_modules(self.spec.architecture, self.cfg.target_roles),
+            **self.task.lora_options())  # the task's head: a peft task type, or named modules
 
     @staticmethod
     def _key(name: str) -> str:
@@ -363,38 +292,13 @@ class FamilyTrainer:
 
     # -- tokenization -----------------------------------------------------------------------
 
-    def _encode(self, example: Example) -> tuple[_Row, ...]:
+    def _encode(self, example: Example) -> tuple[Row, ...]:
         """Training rows of ``example``, tokenized once per trainer (cached by value)."""
         rows = self._cache.get(example)
         if rows is None:
-            rows = self._tokenize(example)
+            rows = self.task.encode(self.tokenizer, example, self.cfg.max_length)
             self._cache[example] = rows
         return rows
-
-    def _tokenize(self, example: Example) -> tuple[_Row, ...]:
-        tok, max_len = self.tokenizer, self.cfg.max_length
-        if self.generative:
-            target = tok(" " + (example.target or ""), add_special_tokens=False).input_ids
-            target = [*target[: max_len // 2 - 1], tok.eos_token_id]  # keep half for the prompt
-            prompt = self._prompt_ids(example.text, max_len - len(target))
-            return (_Row(tuple(prompt + target), None,
-                         tuple([-100] * len(prompt) + target)),)
-        if self.task == "multiple-choice":
-            pairs = [tok(example.text, c, truncation=True, max_length=max_len)
-                     for c in example.choices or ()]
-        else:
-            pairs = [tok(example.text, truncation=True, max_length=max_len)]
-        return tuple(_Row(tuple(e["input_ids"]), tuple(e["token_type_ids"])
-                          if "token_type_ids" in e else None, None) for e in pairs)
-
-    def _prompt_ids(self, text: str, room: int) -> list[int]:
-        """``self.prompt`` around ``text``, the text's tokens cut so the whole fits ``room``
-        (at least one text token is kept: a tiny ``max_length`` can be exceeded)."""
-        before, after = self.prompt.split("{text}")
-        head = self.tokenizer(before).input_ids  # with the tokenizer's start token, if any
-        tail = self.tokenizer(after, add_special_tokens=False).input_ids
-        body = self.tokenizer(text, add_special_tokens=False).input_ids
-        return head + body[: max(room - len(head) - len(tail), 1)] + tail
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -424,10 +328,10 @@ class FamilyTrainer:
         tokens = sum(len(b) * rows * length for b, length in zip(batches, lengths, strict=True))
         used = [[examples[i] for i in b] for b in batches]
         flops = lora_step_flops(self.non_embedding_params, tokens)
-        if self.generative:  # the output layer runs on each batch's logit positions only
+        positions = sum(len(b) * self.task.vocab_positions([r for e in b for r in self._encode(e)])
+                        for b in used)
+        if positions:  # a causal LM's output layer, on each batch's logit positions only
             config = self.model.config
-            positions = sum(len(b) * _logit_positions([r for e in b for r in self._encode(e)])
-                            for b in used)
             flops += lm_head_flops(config.vocab_size, config.hidden_size, positions)
         return TrainPlan(tuple(batches), tokens, flops, self._peak_memory(used),
                          len({i for b in batches for i in b}), lengths)
@@ -436,40 +340,24 @@ class FamilyTrainer:
         """``peak_memory_bytes`` at the largest batch and longest padded sequence of a plan."""
         rows = [[r for e in b for r in self._encode(e)] for b in batches]
         config = self.model.config
+        logit_len = max(self.task.vocab_positions(r) for r in rows)  # 0: no vocabulary logits
         return peak_memory_bytes(
             self.total_params, self.trainable_params, batch=max(len(r) for r in rows),
             seq_len=max(len(x.ids) for r in rows for x in r), hidden=config.hidden_size,
             layers=config.num_hidden_layers, heads=config.num_attention_heads,
-            vocab_size=config.vocab_size if self.generative else 0,
-            logit_len=max(_logit_positions(r) for r in rows) if self.generative else None)
+            vocab_size=config.vocab_size if logit_len else 0, logit_len=logit_len or None)
 
     # -- training ---------------------------------------------------------------------------
 
-    def _inputs(self, examples: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def inputs(self, examples: Sequence[Example]) -> tuple[Batch, torch.Tensor]:
         """Model inputs and targets (class index per example, or LM labels per token)."""
-        encoded = [self._encode(e) for e in examples]
-        rows = [r for rows in encoded for r in rows]
-        if self.generative:
-            # Left padding lines the targets up at the end, so the (vocabulary-wide, costly)
-            # logits are computed for the last positions only; positions count real tokens.
-            batch = _collate(rows, self.tokenizer.pad_token_id, left=True)
-            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            batch["logits_to_keep"] = _logit_positions(rows)
-            return batch, batch.pop("labels")
-        batch = _collate(rows, self.tokenizer.pad_token_id)
-        if self.task == "multiple-choice":  # (batch·choices, len) -> (batch, choices, len)
-            batch = {k: v.view(len(examples), len(encoded[0]), -1) for k, v in batch.items()}
-        return batch, torch.tensor([e.label for e in examples], dtype=torch.long)
+        return self.task.collate(examples, [self._encode(e) for e in examples],
+                                 self.tokenizer.pad_token_id)
 
     def _loss(self, examples: Sequence[Example]) -> torch.Tensor:
-        """Mean cross-entropy: over examples (class or choice), or over target tokens."""
-        batch, targets = self._inputs(examples)
-        logits = self.model(**batch).logits
-        if self.generative:  # the kept positions t predict tokens t+1 (the last one nothing)
-            targets = targets[:, -logits.shape[1]:]
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(),
-                                   ignore_index=-100)
-        return F.cross_entropy(logits, targets)
+        """The task's mean cross-entropy: over examples (class or choice), or target tokens."""
+        batch, targets = self.inputs(examples)
+        return self.task.loss(self.model(**batch).logits, targets)
 
     @torch.inference_mode()
     def _mean_loss(self, examples: Sequence[Example]) -> float:
@@ -527,43 +415,10 @@ class FamilyTrainer:
     @torch.inference_mode()
     def evaluate(self, adapter: dict[str, torch.Tensor], examples: Sequence[Example],
                  limit: int | None = None) -> dict[str, float]:
-        """Metrics of ``adapter`` on ``examples[:limit]``: ``loss`` and accuracy/macro_f1, or
-        rougeL (F-measure, 0-1), chrf and bleu (sacrebleu's 0-100) of greedy decodes."""
+        """Metrics of ``adapter`` on ``examples[:limit]``: ``loss`` and the task's ``metrics``
+        (accuracy/macro_f1, or rougeL, chrf and bleu of greedy decodes)."""
         self.apply(adapter)
         examples = list(examples[:limit])
         if not examples:
             raise FedsimError("evaluate needs at least one example")
-        metrics = {"loss": self._mean_loss(examples)}
-        if self.generative:
-            return metrics | self._generation_metrics(examples)
-        size, predicted = self.cfg.batch_size, []
-        for i in range(0, len(examples), size):
-            batch, _ = self._inputs(examples[i:i + size])
-            predicted += self.model(**batch).logits.argmax(-1).tolist()
-        truth = [e.label for e in examples]
-        classes = self.num_classes or len(examples[0].choices or ())
-        confusion = confusion_matrix(truth, predicted, labels=range(classes))
-        return metrics | {"accuracy": float(np.trace(confusion) / len(examples)),
-                          "macro_f1": macro_f1(truth, predicted)}
-
-    def _generation_metrics(self, examples: Sequence[Example]) -> dict[str, float]:
-        tok, size = self.tokenizer, self.cfg.batch_size
-        room = max(self.cfg.max_length - self.cfg.max_new_tokens, 8)
-        outputs: list[str] = []
-        for i in range(0, len(examples), size):
-            prompts = [_Row(tuple(self._prompt_ids(e.text, room)), None, None)
-                       for e in examples[i:i + size]]
-            batch = _collate(prompts, tok.pad_token_id, left=True)  # left: new tokens line up
-            ids = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens,
-                                      do_sample=False, pad_token_id=tok.pad_token_id,
-                                      eos_token_id=tok.eos_token_id)
-            new = ids[:, batch["input_ids"].shape[1]:]
-            outputs += [t.strip().split("\n")[0].strip()
-                        for t in tok.batch_decode(new, skip_special_tokens=True)]
-        targets = [e.target or "" for e in examples]
-        scorer = rouge_scorer.RougeScorer(["rougeL"])
-        rouge = [scorer.score(t, o)["rougeL"].fmeasure for t, o in zip(targets, outputs,
-                                                                        strict=True)]
-        return {"rougeL": float(np.mean(rouge)),
-                "chrf": float(sacrebleu.corpus_chrf(outputs, [targets]).score),
-                "bleu": float(sacrebleu.corpus_bleu(outputs, [targets]).score)}
+        return {"loss": self._mean_loss(examples)} | self.task.evaluate(self, examples)

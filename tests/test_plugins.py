@@ -15,6 +15,7 @@ FAMILIES = {
     "round policy": plugins.ROUND_POLICIES, "executor": plugins.EXECUTORS,
     "attack": plugins.ATTACKS, "partitioner": plugins.PARTITIONERS,
     "workload": plugins.WORKLOADS, "dataset": plugins.DATASETS, "model": plugins.MODELS,
+    "task": plugins.TASKS,
 }
 WITH_OPTIONS = [(f, n) for f, reg in FAMILIES.items() for n in reg.configs() and reg.names()]
 

@@ -8,15 +8,14 @@ import torch
 from fedsim.data import Example, load_dataset
 from fedsim.errors import FedsimError
 from fedsim.models import load_model, non_embedding_parameters
+from fedsim.plugins import TASKS
 from fedsim.training import (
-    HEAD_FOR_TASK,
     ROLE_MODULES,
     FamilyTrainer,
     LocalTrainingConfig,
     adapter_bytes,
     full_finetune_flops,
     lora_step_flops,
-    macro_f1,
     peak_memory_bytes,
     role_of,
     target_modules,
@@ -173,7 +172,7 @@ def test_flops_are_four_n_tokens_with_dynamic_padding():
     plan = t.plan(examples, seed=0)
     expected = sum(len(b) * min(max(words[i] for i in b) + 2, 32) for b in plan.batches)
     assert plan.tokens == expected
-    n = non_embedding_parameters(load_model("tiny-bert", HEAD_FOR_TASK["classification"], 5).model)
+    n = non_embedding_parameters(load_model("tiny-bert", TASKS.get("classification").head, 5).model)
     assert n == t.non_embedding_params
     assert plan.flops == lora_step_flops(n, expected) == 4 * n * expected
     assert full_finetune_flops(n, expected) == 6 * n * expected
@@ -226,35 +225,6 @@ def test_plan_memory_grows_with_batch_and_length():
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
-
-
-def test_macro_f1_hand_computed():
-    # classes: 0 (F1 = 4/5), 1 (F1 = 2/4), 2 predicted once but never true (F1 = 0);
-    # class 3 is neither true nor predicted and is left out.
-    truth, predicted = [0, 0, 0, 1, 1], [0, 0, 1, 1, 2]
-    assert macro_f1(truth, predicted) == pytest.approx((0.8 + 0.5 + 0.0) / 3)
-    assert macro_f1([1, 0], [1, 0]) == 1.0
-    assert macro_f1([3, 3], [3, 0]) == pytest.approx((0.0 + 2 / 3) / 2)  # 1, 2 left out
-
-
-def _macro_f1_from_counts(truth, predicted, num_classes):
-    """fedsim's own formula before scikit-learn: F1 = 2TP / (2TP + FP + FN), classes that are
-    neither true nor predicted left out."""
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (truth, predicted), 1)
-    tp = np.diag(confusion).astype(np.float64)
-    fp, fn = confusion.sum(axis=0) - tp, confusion.sum(axis=1) - tp
-    present = (tp + fp + fn) > 0
-    return float(np.mean(2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])))
-
-
-def test_macro_f1_is_bit_identical_to_the_count_formula():
-    rng = np.random.default_rng(0)
-    for _ in range(500):
-        n, k = int(rng.integers(2, 20)), int(rng.integers(1, 200))
-        truth = rng.integers(0, int(rng.integers(1, n + 1)), k)  # some classes never true
-        predicted = np.where(rng.random(k) < 0.6, truth, rng.integers(0, n, k))
-        assert macro_f1(truth, predicted) == _macro_f1_from_counts(truth, predicted, n)
 
 
 def test_evaluate_classification_and_multiple_choice():
@@ -368,14 +338,15 @@ def test_local_epochs_plan_full_passes():
 
 
 def test_generation_flops_count_the_output_layer_on_logit_positions():
-    from fedsim.training import _logit_positions, lm_head_flops
+    from fedsim.tasks import logit_positions
+    from fedsim.training import lm_head_flops
 
     t = trainer("tiny-llama", "generation", None, "freedict-en-de",
                 target_roles=ALL_ROLES["llama"])
     examples = load_dataset("freedict-en-de", "generation").train[:4]
     plan = t.plan(examples, seed=0)
     cfg = t.model.config
-    positions = sum(len(b) * _logit_positions([t._encode(examples[i])[0] for i in b])
+    positions = sum(len(b) * logit_positions([t._encode(examples[i])[0] for i in b])
                     for b in plan.batches)
     want = 4 * t.non_embedding_params * plan.tokens + 4 * cfg.vocab_size * cfg.hidden_size * positions
     assert plan.flops == pytest.approx(want, rel=1e-12)
