@@ -10,10 +10,11 @@ this process, with the same seed: ``none``, ``fp16``, fixed ``topk`` at ratios 0
 the least lossy setting whose payload fits 0.8 of the time left on its current uplink share).
 
 For each setting it reports the bytes clients put on the uplink (every encoded payload, late
-ones included) and the bytes of accepted updates (``comm.bytes_up``), the mean payload, deadline
-misses, the compression ratio raw / encoded over accepted updates, the mean relative L2 error of
-the encodings, the simulated time at which the server metric first reaches the target, the final
-server metric and the mean final client metric (``quality.clients_final``). Output in ``--out``
+ones included) and the bytes of accepted updates (``comm.bytes_up_accepted``), the mean
+payload, deadline misses, the compression ratio raw / encoded over accepted updates, the mean
+relative L2 error of the encodings, the simulated time at which the server metric first
+reaches the target, the final server metric and the mean final client metric
+(``quality.clients_final``). Output in ``--out``
 (default ``runs/compression-study``): one run directory per setting (a finished one is reused
 when its resolved scenario is unchanged, so an interrupted study resumes), ``compression.csv``
 (one row per setting), ``compression_rounds.csv`` (one row per setting and round),
@@ -137,7 +138,7 @@ class SettingResult:
 
     @property
     def bytes_up(self) -> int:
-        return int(self.summary["comm"]["bytes_up"])
+        return int(self.summary["comm"]["bytes_up_accepted"])
 
     @property
     def mean_payload_bytes(self) -> float:

@@ -98,6 +98,15 @@ class Payload:
         return _from_spec(self.spec()).describe()
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A payload and what the server will decode from it, known while encoding (so the client
+    measures its error without decoding its own bytes)."""
+
+    payload: Payload
+    reconstruction: dict[str, torch.Tensor]  # equal to decode(payload), tensor by tensor
+
+
 @dataclass
 class ClientCodecState:
     """What stays on the client between rounds: error-feedback residuals (name -> tensor)."""
@@ -352,16 +361,24 @@ class Codec(ABC):
     def encode(self, delta: Mapping[str, torch.Tensor], state: ClientCodecState | None = None,
                rng: np.random.Generator | None = None, *, rate_bps: float | None = None,
                time_left_s: float | None = None) -> Payload:
-        """Encode ``delta``. Error feedback runs while the setting sparsifies; a dense setting
-        sends a residual left by an earlier sparse round along, then clears it (its own rounding
-        is unbiased or tiny)."""
+        """Encode ``delta`` (see :meth:`encode_update`); the payload alone."""
+        return self.encode_update(delta, state, rng, rate_bps=rate_bps,
+                                  time_left_s=time_left_s).payload
+
+    def encode_update(self, delta: Mapping[str, torch.Tensor],
+                      state: ClientCodecState | None = None,
+                      rng: np.random.Generator | None = None, *, rate_bps: float | None = None,
+                      time_left_s: float | None = None) -> Encoded:
+        """Encode ``delta``, with the reconstruction the decoder will rebuild. Error feedback
+        runs while the setting sparsifies; a dense setting sends a residual left by an earlier
+        sparse round along, then clears it (its own rounding is unbiased or tiny)."""
         chosen = self.choose(shapes_of(delta), rate_bps, time_left_s)
         if state is None or not (chosen.sparsifying or state.residuals):
             return chosen.encode_tensors(delta, None, rng)
-        payload = chosen.encode_tensors(delta, state, rng)
+        encoded = chosen.encode_tensors(delta, state, rng)
         if not chosen.sparsifying:
             state.residuals = {}
-        return payload
+        return encoded
 
     def decode(self, payload: Payload | bytes) -> dict[str, torch.Tensor]:
         return decode(payload)
@@ -414,7 +431,7 @@ class TensorCodec(Codec):
         """Section bytes -> flat float32."""
 
     def encode_tensors(self, delta: Mapping[str, torch.Tensor], state: ClientCodecState | None,
-                       rng: np.random.Generator | None) -> Payload:
+                       rng: np.random.Generator | None) -> Encoded:
         for name, t in delta.items():
             if t.dtype not in _DTYPES:
                 raise ValueError(f"{name}: codecs take float tensors, got {t.dtype}")
@@ -425,7 +442,10 @@ class TensorCodec(Codec):
         sections, recon = self.encode_sections(xs, shapes, rng)
         if state is not None:
             state.keep(xs, recon, shapes)
-        return _frame(self.spec_bytes(), delta, b"".join(sections))
+        # As decode() rebuilds it: flat float32, reshaped, in the tensor's own dtype.
+        rebuilt = {n: torch.from_numpy(np.asarray(recon[n], dtype=np.float32)).reshape(s)
+                   .to(delta[n].dtype) for n, s in shapes.items()}
+        return Encoded(_frame(self.spec_bytes(), delta, b"".join(sections)), rebuilt)
 
 
 @CODECS.register("none")

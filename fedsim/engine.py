@@ -113,6 +113,7 @@ class Simulation:
         self.rec.emit(env.now, tk.round, c, f"{direction}_end", nbytes)
         key_ = "bytes_up" if direction == UPLINK else "bytes_down"
         self.per_client[key_][c] += nbytes
+        setattr(self.rec, key_, getattr(self.rec, key_) + nbytes)
         return True
 
     def _train(self, tk: Ticket) -> Generator[simpy.Event, None, object]:
@@ -231,10 +232,11 @@ class Simulation:
             self.rec.emit(env.now, tk.round, c, "rejected", upload.nbytes, ing.detail)
             return self._failed(c)
         self.rec.emit(env.now, tk.round, c, "ingest_end", upload.nbytes)
-        self.rec.bytes_up += upload.nbytes
-        self.rec.bytes_up_raw += upload.raw_bytes  # same updates as bytes_up: a fair ratio
+        self.rec.bytes_up_accepted += upload.nbytes
+        self.rec.bytes_up_raw += upload.raw_bytes  # the same updates: a fair ratio
         self.per_client["updates_accepted"][c] += 1
-        return Arrival(client=c, round=tk.round, num_samples=num_samples, update=ing.update)
+        return Arrival(client=c, round=tk.round, num_samples=num_samples, result=ing.result,
+                       carried=ing.carried)
 
     def _failed(self, client: int) -> None:
         self.per_client["failures"][client] += 1
@@ -343,7 +345,7 @@ class Simulation:
                        if p in by_profile and T > 0 else 0.0) for p in PROFILES}
         server_busy = self.ingress.busy_s + self.server_aggregate_s
         metric = self.workload.primary_metric()
-        raw, up = rec.bytes_up_raw, rec.bytes_up
+        raw, accepted = rec.bytes_up_raw, rec.bytes_up_accepted
         return {
             "scenario": self.scenario.name,
             "seed": self.scenario.seed,
@@ -372,10 +374,11 @@ class Simulation:
                 "compute": compute,
             },
             "comm": {
-                "bytes_up": up,
-                "bytes_down": int(self.per_client["bytes_down"].sum()),
-                "bytes_up_raw": raw,
-                "compression_ratio": raw / up if up else 1.0,
+                "bytes_up": rec.bytes_up,  # crossed the uplinks
+                "bytes_down": rec.bytes_down,  # crossed the downlinks
+                "bytes_up_accepted": accepted,  # of the updates the server accepted
+                "bytes_up_raw": raw,  # those updates in fp32
+                "compression_ratio": raw / accepted if accepted else 1.0,
             },
             "quality": {
                 "metric": metric,

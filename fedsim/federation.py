@@ -37,9 +37,18 @@ from fedsim.rng import stream
 from fedsim.scenario import Scenario
 from fedsim.server import ServerModel, ServerSet, ServerVariant, make_transfer
 from fedsim.training import FamilyTrainer, LocalTrainingConfig, TrainResult
-from fedsim.workload import WORKLOADS, Arrival, Deferred, Ingested, JobPlan, Upload, Workload
+from fedsim.workload import (
+    WORKLOADS,
+    Adapter,
+    Arrival,
+    Deferred,
+    Ingested,
+    JobPlan,
+    Sent,
+    Upload,
+    Workload,
+)
 
-Adapter = dict[str, torch.Tensor]
 CLIENT_EVAL_EXAMPLES = 100  # held-out examples per client in quality.clients_final
 CLIENT_EVAL_MAX = 100  # clients beyond which per-client evaluation is skipped (cost)
 
@@ -70,17 +79,6 @@ class Family:
     adapter_nbytes: int  # the adapter as downloaded (an fp32 payload), bytes
     clients: list[int]
     version: int = 0
-
-
-@dataclass(frozen=True)
-class Sent:
-    """What a client's upload carries besides the delta itself."""
-
-    family: str
-    num_samples: int
-    quality: float  # local loss improvement
-    payload: codecs.Payload
-    start: Adapter  # the adapter the client trained from (the server knows it: it sent it)
 
 
 @dataclass(frozen=True)
@@ -239,16 +237,17 @@ class LoraWorkload(Workload):
         threat = self.scenario.clients[int(self.fleet.group[client])].attack
         if threat is not None:  # a malicious client sends this instead of its honest update
             delta = attack(threat.kind, delta, threat.factor, rng)
-        payload = self.codec.encode(delta, self.codec_state[client], rng,
-                                    rate_bps=rate_bps, time_left_s=time_left_s)
-        err = codecs.relative_error(delta, codecs.decode(payload))
+        enc = self.codec.encode_update(delta, self.codec_state[client], rng,
+                                       rate_bps=rate_bps, time_left_s=time_left_s)
+        err = codecs.relative_error(delta, enc.reconstruction)  # no decode of its own bytes
         sent = Sent(self.fleet.model[client], update.num_samples,
-                    update.loss_before - update.loss_after, payload, self._start(client))
-        return Upload(nbytes=len(payload), raw_bytes=codecs.raw_bytes(delta),
-                      codec=payload.describe(), rel_error=err, payload=sent)
+                    update.loss_before - update.loss_after, enc.payload, self._start(client))
+        return Upload(nbytes=len(enc.payload), raw_bytes=codecs.raw_bytes(delta),
+                      codec=enc.payload.describe(), rel_error=err, sent=sent)
 
     def ingest(self, client: int, upload: Upload) -> Ingested:
-        sent: Sent = upload.payload
+        sent = upload.sent
+        assert sent is not None, "a real upload carries its payload"
         try:
             delta = codecs.decode(sent.payload)
         except codecs.PayloadError as e:
@@ -266,7 +265,7 @@ class LoraWorkload(Workload):
         # Server work: decode (a few operations per element) + checks, ~4 FLOPs per element,
         # then the transfer into the server model (the primary's, when a study has more).
         carried, flops = self.servers.carry(sent.family, sent.start, delta)
-        return Ingested(flops=4.0 * numel + flops, accepted=True, update=(result, carried))
+        return Ingested(flops=4.0 * numel + flops, accepted=True, result=result, carried=carried)
 
     def aggregate(self, round_: int, arrivals: list[Arrival]) -> float:
         """Per family in LoRA space (the next download), then into every server model."""
@@ -284,13 +283,13 @@ class LoraWorkload(Workload):
             flops += 2.0 * len(results) * sum(t.numel() for t in step.values())
         if self.servers:
             flops += self.servers.merge([self._weighted(a) for a in arrivals],
-                                        [a.update[1] for a in arrivals], round_)
+                                        [a.carried for a in arrivals], round_)
         return flops
 
     @staticmethod
     def _weighted(a: Arrival) -> ClientResult:
-        r: ClientResult = a.update[0]
-        return replace(r, weight=a.weight)
+        assert a.result is not None, "a real arrival carries its decoded update"
+        return replace(a.result, weight=a.weight)
 
     def evaluate(self, round_: int) -> dict[str, float] | Deferred:
         """The server model on the held-out examples (the run's primary metric; a study's

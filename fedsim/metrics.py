@@ -39,9 +39,13 @@ class Recorder:
         self.counts: dict[str, int] = defaultdict(int)
         self.latency_s: dict[str, list[float]] = {p: [] for p in PHASES}
         self.rounds: list[dict[str, Any]] = []
+        # Bytes that crossed the links (every completed transfer, accepted at ingest or not):
         self.bytes_up = 0
-        self.bytes_up_raw = 0
         self.bytes_down = 0
+        # ... and of the updates the server accepted: their bytes and their size before
+        # compression (fp32), so that compression_ratio compares the same updates.
+        self.bytes_up_accepted = 0
+        self.bytes_up_raw = 0
 
     def emit(self, time_s: float, round_: int, client: int, kind: str, nbytes: int = 0,
              detail: str = "") -> None:
@@ -55,7 +59,7 @@ class Recorder:
             b.append(nbytes)
             d.append(detail)
 
-    _SCALARS = ("bytes_up", "bytes_up_raw", "bytes_down")
+    _SCALARS = ("bytes_up", "bytes_down", "bytes_up_accepted", "bytes_up_raw")
 
     def state(self) -> dict[str, Any]:
         """Everything recorded so far, as JSON (checkpoints)."""

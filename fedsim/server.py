@@ -207,44 +207,48 @@ class ServerModel:
 
     def project(self, family_model_name: str, start_adapter: Mapping[str, torch.Tensor],
                 delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A client's round task vector in the server's weight space.
+        """A client's round task vector in the server's weight space (see :meth:`carry`)."""
+        return self.carry(family_model_name, start_adapter, delta)[0]
+
+    def flops_of_projection(self, family_model_name: str,
+                            start_adapter: Mapping[str, torch.Tensor],
+                            delta: Mapping[str, torch.Tensor]) -> float:
+        """FLOPs of :meth:`project` for this update (see :meth:`carry`)."""
+        return self.carry(family_model_name, start_adapter, delta)[1]
+
+    def carry(self, family_model_name: str, start_adapter: Mapping[str, torch.Tensor],
+              delta: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        """A client's round task vector in the server's weight space, and the FLOPs of
+        projecting it; the task vector is built once for both.
 
         Keys: ``<large module>.lora_B.weight`` (out_L × rank) and ``.lora_A.weight`` (rank ×
         in_L) per targeted module, whose product is the module's weight update (small layers
         that map to one large layer are concatenated along the rank: their sum); and the head's
         dense ``<head>.weight`` (and ``.bias`` where both heads have one). Deltas of layers
-        before a head's final linear (MPNet's ``classifier.dense``) are not projected.
+        before a head's final linear (MPNet's ``classifier.dense``) are not projected. FLOPs:
+        the P_out·B and A·Q_in products of every module (rank 2r, or r while the start B is
+        zero) and the head's P_out·D·Q_in.
         """
         fam = self._family(family_model_name)
         tv = task_vector(start_adapter, delta, fam.lora_scale)
         out: dict[str, torch.Tensor] = {}
+        flops = 0.0
         for module, factors in tv.factors.items():
             pair = fam.projector.pair_of(module)
             b, a = fam.projector.project(pair, factors.B, factors.A)
+            flops += projection_flops(pair, factors.rank)
             kb, ka = pair.large_name + LORA_B, pair.large_name + LORA_A
             out[kb] = torch.cat([out[kb], b], dim=1) if kb in out else b
             out[ka] = torch.cat([out[ka], a], dim=0) if ka in out else a
         head = fam.projector.head_pair
         if head is not None:
+            if head.small_name + ".weight" in tv.dense:
+                flops += dense_projection_flops(head)
             for suffix in (".weight", ".bias"):
                 small_key, large_key = head.small_name + suffix, head.large_name + suffix
                 if small_key in tv.dense and large_key in self._weights:
                     out[large_key] = fam.projector.project_dense(head, tv.dense[small_key])
-        return out
-
-    def flops_of_projection(self, family_model_name: str,
-                            start_adapter: Mapping[str, torch.Tensor],
-                            delta: Mapping[str, torch.Tensor]) -> float:
-        """FLOPs of :meth:`project` for this update: the P_out·B and A·Q_in products of every
-        module (rank 2r, or r while the start B is zero) and the head's P_out·D·Q_in."""
-        fam = self._family(family_model_name)
-        tv = task_vector(start_adapter, delta, fam.lora_scale)
-        flops = sum(projection_flops(fam.projector.pair_of(m), f.rank)
-                    for m, f in tv.factors.items())
-        head = fam.projector.head_pair
-        if head is not None and head.small_name + ".weight" in tv.dense:
-            flops += dense_projection_flops(head)
-        return float(flops)
+        return out, float(flops)
 
     # -- aggregation and evaluation -------------------------------------------------------------
 
@@ -357,8 +361,7 @@ class ProjectionTransfer(Transfer):
 
     def carry(self, server: ServerModel, family: str, start: Mapping[str, torch.Tensor],
               delta: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
-        return (server.project(family, start, delta),
-                server.flops_of_projection(family, start, delta))
+        return server.carry(family, start, delta)
 
 
 def make_transfer(cfg: TransferConfig) -> Transfer:

@@ -26,9 +26,15 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedsim.devices import Fleet
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedsim.aggregators import ClientResult
+    from fedsim.codecs import Payload
 from fedsim.plugins import WORKLOADS
 from fedsim.scenario import Scenario
 
@@ -42,21 +48,37 @@ class JobPlan:
     context: Any = None  # what the workload needs to run it (batches of indices, seeds)
 
 
+Adapter = dict[str, "torch.Tensor"]  # LoRA tensors by parameter name
+Carried = dict[str, Adapter]  # server variant name -> the update as that server receives it
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What a real client's upload carries: the encoded delta and what travels with it."""
+
+    family: str  # the client's model (its family)
+    num_samples: int
+    quality: float  # local loss improvement
+    payload: Payload  # the bytes on the wire
+    start: Adapter  # the adapter the client trained from (the server knows it: it sent it)
+
+
 @dataclass(frozen=True)
 class Upload:
     nbytes: int  # bytes on the wire (the encoded payload's length)
     raw_bytes: int  # the update before compression (fp32)
     codec: str  # the codec setting used
     rel_error: float = 0.0  # relative L2 reconstruction error of the encoding
-    payload: Any = None
+    sent: Sent | None = None  # None: the synthetic workload sends sizes, not bytes
 
 
 @dataclass(frozen=True)
 class Ingested:
-    flops: float  # server work: decode + projection
+    flops: float  # server work: decode + transfer into the server models
     accepted: bool
     detail: str = ""
-    update: Any = None
+    result: ClientResult | None = None  # the decoded update, as an aggregation rule sees it
+    carried: Carried = field(default_factory=dict)
 
 
 @dataclass
@@ -68,7 +90,8 @@ class Arrival:
     num_samples: int
     staleness: int = 0
     weight: float = 1.0  # round-policy weight (async staleness discount)
-    update: Any = None
+    result: ClientResult | None = None
+    carried: Carried = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
 
 

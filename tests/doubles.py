@@ -42,7 +42,7 @@ class FixedWorkload(Workload):
         return Upload(nbytes=self.up, raw_bytes=4 * self.up, codec="fixed")
 
     def ingest(self, client: int, upload: Upload) -> Ingested:
-        return Ingested(flops=self.server_flops, accepted=True, update=client)
+        return Ingested(flops=self.server_flops, accepted=True)
 
     def aggregate(self, round_: int, arrivals: list[Arrival]) -> float:
         self.aggregated.append((round_, list(arrivals)))

@@ -338,3 +338,20 @@ def test_raw_bytes_and_relative_error():
     assert relative_error(delta, delta) == 0.0
     halved = {n: t / 2 for n, t in delta.items()}
     assert relative_error(delta, halved) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shapes", ["lora", "odd"])
+def test_the_reconstruction_is_what_decode_returns(name, shapes):
+    """encode_update's reconstruction equals decoding its payload, bit for bit, error feedback
+    included (the client measures its error without decoding its own bytes)."""
+    delta = make_delta(SHAPE_SETS[shapes])
+    state = ClientCodecState()
+    codec = CODECS.get(name)()
+    for seed in (0, 1):  # the second round carries the first one's residual
+        enc = codec.encode_update(delta, state, np.random.default_rng(seed))
+        dec = decode(enc.payload)
+        assert dec.keys() == enc.reconstruction.keys()
+        for k in dec:
+            assert dec[k].dtype == enc.reconstruction[k].dtype
+            assert torch.equal(dec[k], enc.reconstruction[k]), k

@@ -144,9 +144,9 @@ TAMPER = {
 
 
 def tampered(upload: Upload, how) -> Upload:
-    sent = upload.payload
+    sent = upload.sent
     bad = dataclasses.replace(sent, payload=codecs.Payload(how(sent.payload.data)))
-    return dataclasses.replace(upload, payload=bad)
+    return dataclasses.replace(upload, sent=bad)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_tampered_payload_is_rejected_and_the_family_adapter_is_unchanged(
     wl, upload = workload_and_upload
     before = family_state(wl)
     ing = wl.ingest(0, tampered(upload, TAMPER[how]))
-    assert ing.accepted is False and ing.update is None
+    assert ing.accepted is False and ing.result is None and not ing.carried
     assert ing.detail.startswith("corrupt payload:")
     assert wl.aggregate(0, []) == 0.0  # a round with no accepted arrival
     assert same_state(before, family_state(wl))
@@ -189,17 +189,18 @@ def test_the_genuine_upload_is_accepted_and_moves_the_adapter(workload_and_uploa
     ing = wl.ingest(0, upload)
     assert ing.accepted and ing.flops > 0
     before = family_state(wl)
-    wl.aggregate(0, [Arrival(client=0, round=0, num_samples=16, update=ing.update)])
+    wl.aggregate(0, [Arrival(client=0, round=0, num_samples=16, result=ing.result,
+                             carried=ing.carried)])
     assert not same_state(before, family_state(wl))
 
 
 def test_non_finite_delta_is_quarantined(workload_and_upload):
     wl, upload = workload_and_upload
-    delta = codecs.decode(upload.payload.payload)
+    delta = codecs.decode(upload.sent.payload)
     name = next(iter(delta))
     delta[name].view(-1)[0] = math.nan
-    bad = dataclasses.replace(upload.payload, payload=codecs.CODECS.get("none")().encode(delta))
-    ing = wl.ingest(0, dataclasses.replace(upload, payload=bad))
+    bad = dataclasses.replace(upload.sent, payload=codecs.CODECS.get("none")().encode(delta))
+    ing = wl.ingest(0, dataclasses.replace(upload, sent=bad))
     assert not ing.accepted and "non-finite" in ing.detail
 
 
@@ -235,8 +236,11 @@ def test_engine_rejects_corrupt_uploads_and_counts_them():
     assert accepted(evs).isdisjoint(wl.corrupted)
     aggregated = [int(e["detail"].split("=")[1]) for e in evs if e["kind"] == "aggregate"]
     assert sum(aggregated) == 6
-    assert s["comm"]["bytes_up"] == sum(b for key, (b, *_) in encodes(evs).items()
-                                        if key in accepted(evs))
+    assert s["comm"]["bytes_up_accepted"] == sum(b for key, (b, *_) in encodes(evs).items()
+                                                 if key in accepted(evs))
+    # bytes_up: every payload that crossed the uplink, the 2 rejected ones included
+    assert s["comm"]["bytes_up"] == sum(b for b, *_ in encodes(evs).values())
+    assert s["comm"]["bytes_up"] > s["comm"]["bytes_up_accepted"]
 
 
 # --- what the run directory says about compression ---------------------------------------------
@@ -246,7 +250,7 @@ def check_ratio_over_accepted(summary, evs):
     enc, ok = encodes(evs), accepted(evs)
     raw = sum(enc[k][2] for k in ok)
     sent = sum(enc[k][0] for k in ok)
-    assert summary["comm"]["bytes_up"] == sent
+    assert summary["comm"]["bytes_up_accepted"] == sent
     assert summary["comm"]["compression_ratio"] == pytest.approx(raw / sent, rel=1e-12)
 
 

@@ -133,7 +133,10 @@ def test_run_directory_contract(scenario_factory, tmp_path):
     assert set(s["overload"]) >= {"server_queue_max", "server_wait_p95_s", "dropped_updates",
                                   "deadline_misses", "oom_failures"}
     assert set(s["utilization"]["compute"]) == {"mobile", "laptop", "cloud"}
-    assert set(s["comm"]) >= {"bytes_up", "bytes_down", "compression_ratio"}
+    assert set(s["comm"]) >= {"bytes_up", "bytes_down", "bytes_up_accepted", "compression_ratio"}
+    # one meaning: the bytes that crossed the links, as clients.csv counts them
+    assert s["comm"]["bytes_up"] == sum(r["bytes_up"] for r in res.clients)
+    assert s["comm"]["bytes_down"] == sum(r["bytes_down"] for r in res.clients)
     assert set(s["quality"]) >= {"metric", "server_by_round", "clients_final"}
     assert len((out / "clients.csv").read_text().splitlines()) == 86
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left

@@ -138,8 +138,8 @@ def test_ingest_counts_decode_and_projection_flops():
     upload = wl.encode(0, 0, wl.train(0, 0, plan), 1e6, None)
     assert isinstance(upload, Upload)
     ing = wl.ingest(0, upload)
-    sent = upload.payload
-    delta = ing.update[0].delta
+    sent = upload.sent
+    delta = ing.result.delta
     numel = sum(t.numel() for t in delta.values())
     proj = wl.servers.primary.model.flops_of_projection("tiny-bert", sent.start, delta)
     assert proj > 0
