@@ -30,7 +30,7 @@ def plain_loop(model_name: str, batches: list[list[str]], labels: list[list[int]
     from peft import LoraConfig, TaskType, get_peft_model
 
     from fedsim.models import load_model
-    from fedsim.training import target_modules
+    from fedsim.roles import target_modules
 
     loaded = load_model(model_name, "sequence-classification", num_labels=5, seed=0)
     cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=0.0,

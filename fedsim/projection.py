@@ -48,7 +48,7 @@ from fedsim.atomic import atomic_file
 from fedsim.errors import FedsimError
 from fedsim.models import cache_dir
 from fedsim.plugins import PROJECTORS
-from fedsim.training import ROLES, role_of
+from fedsim.roles import ROLES, role_of
 
 HEAD = "head"
 # The head's final linear layer, by module name, most specific first.

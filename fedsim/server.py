@@ -48,7 +48,8 @@ from fedsim.projection import (
     projection_flops,
     task_vector,
 )
-from fedsim.training import ROLE_MODULES, FamilyTrainer, LocalTrainingConfig
+from fedsim.roles import ROLE_MODULES
+from fedsim.training import FamilyTrainer, LocalTrainingConfig
 
 
 def _param_key(name: str) -> str | None:

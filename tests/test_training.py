@@ -9,16 +9,14 @@ from fedsim.data import Example, load_dataset
 from fedsim.errors import FedsimError
 from fedsim.models import load_model, non_embedding_parameters
 from fedsim.plugins import TASKS
+from fedsim.roles import ROLE_MODULES, role_of, target_modules
 from fedsim.training import (
-    ROLE_MODULES,
     FamilyTrainer,
     LocalTrainingConfig,
     adapter_bytes,
     full_finetune_flops,
     lora_step_flops,
     peak_memory_bytes,
-    role_of,
-    target_modules,
 )
 
 # Fast settings: short sequences, a high learning rate so a few steps show learning.
