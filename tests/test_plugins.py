@@ -85,3 +85,19 @@ def test_registry_rejects_bad_declarations():
     reg.declare("x")
     with pytest.raises(ValueError, match="already registered"):
         reg.declare("x")
+
+
+def test_validating_a_scenario_imports_neither_torch_nor_transformers():
+    """The configs are light: `fedsim validate` and network-only runs stay fast (~0.5 s)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys\nfrom fedsim.scenario import load\n"
+            f"load({str(root / 'scenarios' / 'quickstart.yaml')!r}, "
+            "['compression.codec=adaptive', 'aggregation.name=task-arithmetic'])\n"
+            "from fedsim.engine import Simulation\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
