@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import simpy
 
-from fedsim.clock import Clock
+from fedsim.clock import NOOP, Clock, Tag
 from fedsim.devices import Fleet
 from fedsim.errors import FedsimError
 from fedsim.plugins import CHANNELS, ChannelConfig
@@ -320,7 +320,7 @@ class SharedLink:
         """Each active flow's channel state (see ``Channel.flow_state``)."""
         return self._cols[2, : self._k]
 
-    def transfer(self, client: int, nbytes: int) -> simpy.Event:
+    def transfer(self, client: int, nbytes: int, tag: Tag = NOOP) -> simpy.Event:
         done = self.env.event()
         if nbytes <= 0:
             return done.succeed(True)
@@ -435,27 +435,46 @@ class SharedLink:
         self._wake_at = wake_at
         self.rewake(wake_at)
 
-    def rewake(self, at: float) -> None:
-        """A wake-up at ``at`` (a checkpoint restores the pending ones through this)."""
-        self.env.timer(at - self.env.now, ("wake", self.direction, self.cell, at),
-                       lambda _e: self._wake(at))
+    def rewake(self, at: float, exact: bool = False) -> None:
+        """A wake-up at ``at`` (a checkpoint restores the pending ones with ``exact``)."""
+        tag, wake = ("wake", self.direction, self.cell, at), (lambda _e: self._wake(at))
+        if exact:
+            self.env.timer_at(at, tag, wake)
+        else:
+            self.env.timer(at - self.env.now, tag, wake)
 
     def refresh(self) -> None:
         """A pending end-of-instant recomputation (restored from a checkpoint)."""
         self._flush_pending = False
         self._changed()
 
-    _SCALARS = ("busy_s", "bits_carried", "_t", "_wake_at", "_state_until", "outage")
+    def resumed(self, client: int, tag: Tag = NOOP) -> simpy.Event:
+        """The done event of ``client``'s flow restored from a checkpoint."""
+        return self.events[client][0]
 
-    def state(self) -> dict[str, float | bool]:
-        """The link between rounds, when no flow is active (checkpoints)."""
-        if self._k:
-            raise RuntimeError(f"cell {self.cell} {self.direction}: {self._k} flows active")
-        return {k: getattr(self, k) for k in self._SCALARS}
+    _SCALARS = ("busy_s", "bits_carried", "_t", "_wake_at", "_state_until", "outage",
+                "_flush_pending", "contenders")
 
-    def restore(self, doc: dict[str, float | bool]) -> None:
+    def state(self) -> dict[str, Any]:
+        """The link and its active flows (remaining bits, rate, channel state, size)."""
+        return {**{k: getattr(self, k) for k in self._SCALARS},
+                "ids": self.clients.tolist(), "cols": self._cols[:, : self._k].tolist(),
+                "bits": [self.events[c][1] for c in self.clients.tolist()]}
+
+    def restore(self, doc: dict[str, Any]) -> None:
+        """Take :meth:`state`'s document; each restored flow gets a new done event, which the
+        update's restored process waits on (:meth:`resumed`)."""
         for k in self._SCALARS:
             setattr(self, k, doc[k])
+        k = len(doc["ids"])
+        cap = max(16, k)
+        self._ids, self._cols = np.empty(cap, dtype=np.int64), np.empty((3, cap))
+        self._ids[:k] = doc["ids"]
+        if k:
+            self._cols[:, :k] = np.array(doc["cols"], dtype=float)
+        self._k = k
+        self.events = {int(c): (self.env.event(), float(b))
+                       for c, b in zip(doc["ids"], doc["bits"], strict=True)}
 
 
 class WiredLink:
@@ -465,10 +484,19 @@ class WiredLink:
         self.env, self.rate_bps = env, rate_bps
         self.bits_carried = 0.0
         self.contenders = 0  # counted for symmetry with SharedLink; a wired link is not shared
+        self.ends: dict[int, float] = {}  # client -> when its transfer ends (checkpoints)
+        self.waits: dict[int, simpy.Event] = {}  # restored transfers' timers
 
-    def transfer(self, client: int, nbytes: int) -> simpy.Event:
+    def transfer(self, client: int, nbytes: int, tag: Tag = NOOP) -> simpy.Event:
         self.bits_carried += 8.0 * nbytes
-        return self.env.timer(8.0 * nbytes / float(self.rate_bps[client]), value=True)
+        duration_s = 8.0 * nbytes / float(self.rate_bps[client])
+        self.ends[client] = self.env.now + duration_s
+        return self.env.timer(duration_s, tag, value=True)
+
+    def resumed(self, client: int, tag: Tag = NOOP) -> simpy.Event:
+        """A restored transfer: the rest of its time (``restore_wait`` made its timer)."""
+        return self.waits.pop(client, None) or self.env.timer_at(self.ends[client], tag,
+                                                                  value=True)
 
     def cancel(self, client: int) -> None:
         """Nothing is shared, so nothing to give back."""
@@ -508,19 +536,21 @@ class Network:
 
     def state(self) -> dict[str, Any]:
         return {"links": {name: link.state() for name, link in self.links()},
-                "wired_bits": self.wired.bits_carried}
+                "wired_bits": self.wired.bits_carried,
+                "wired_ends": {str(c): t for c, t in self.wired.ends.items()}}
 
     def restore(self, state: dict[str, Any]) -> None:
         links = dict(self.links())
         for name, doc in state["links"].items():
             links[name].restore(doc)
         self.wired.bits_carried = state["wired_bits"]
+        self.wired.ends = {int(c): t for c, t in state.get("wired_ends", {}).items()}
 
     def restore_timer(self, tag: tuple[Any, ...]) -> None:
         """A link's pending timer again, from its tag (see ``fedsim.clock``)."""
         kind, direction, cell, *at = tag
         link = self.cells[direction][cell]
         if kind == "wake":
-            link.rewake(at[0])
+            link.rewake(at[0], exact=True)
         else:  # flush
             link.refresh()

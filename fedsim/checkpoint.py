@@ -10,10 +10,12 @@ previous checkpoints intact; ``latest`` is the highest complete round.
 
 ``fedsim run FILE --resume DIR`` rebuilds the world from the scenario (models, data, channel
 draws and projectors are pure functions of the seed), overwrites its state from DIR's latest
-checkpoint and plays the remaining rounds. For ``sync`` and ``deadline`` rounds every client's
-update has ended at a round boundary, so the resumed run ends with the same ``events.csv`` and
-``summary.json`` (wall time aside) as an uninterrupted one. ``async`` runs are not
-checkpointed: their updates overlap the aggregations, so no instant has nothing in flight.
+checkpoint and plays the remaining rounds, ending with the same ``events.csv`` and
+``summary.json`` (wall time aside) as an uninterrupted run. For ``sync`` and ``deadline``
+rounds every client's update has ended at a round boundary. ``async`` rounds checkpoint with
+updates in flight: the round policy's state holds each one's ticket (where it is), its upload,
+and the buffered arrivals; the links hold their flows; the clock's ledger their timers, which
+the restore remakes in their original order, at their exact instants.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def snapshot(sim: Simulation, round_: int) -> tuple[dict[str, Any], dict[str, An
     recorder, fault processes, workload); the clock gives its pending timers (``Clock.pending``).
     """
     wl_state, tensors = sim.workload.state()
+    policy_state, policy_tensors = sim.policy.state()
+    tensors.update({f"policy/{k}": v for k, v in policy_tensors.items()})
     state = {
         "scenario": sim.scenario.to_yaml(),
         "now": sim.env.now,
@@ -104,10 +108,13 @@ def snapshot(sim: Simulation, round_: int) -> tuple[dict[str, Any], dict[str, An
         "per_client": {k: array(v) for k, v in sim.per_client.items()},
         "compute_s": array(sim.compute_s),
         "server_aggregate_s": sim.server_aggregate_s,
+        "queue_seq": sim.queue_seq,
+        "updates_begun": sim.updates_begun,
         "quality_by_round": sim.quality_by_round,
         "faults": sim.faults.state(),
         "pending": [[t, *tag] for t, tag in sim.env.pending()],
         "workload": wl_state,
+        "policy": policy_state,  # async: the updates in flight, the buffered arrivals
     }
     return state, tensors
 
@@ -127,18 +134,40 @@ def restore(sim: Simulation, state: dict[str, Any], tensors: dict[str, Any]) -> 
         sim.per_client[k] = from_array(doc)
     sim.compute_s = from_array(state["compute_s"])
     sim.server_aggregate_s = state["server_aggregate_s"]
+    sim.queue_seq = state.get("queue_seq", 0)
+    sim.updates_begun = state.get("updates_begun", 0)
     sim.quality_by_round = list(state["quality_by_round"])
     sim.workload.restore(state["workload"], tensors)
     sim.first_round = state["next_round"]
+    head = "policy/"
+    added = sim.policy.restore(state["policy"], {k[len(head):]: v for k, v in tensors.items()
+                                                 if k.startswith(head)})
+    running = sim.policy.in_flight_tickets()
     # The clock: the pending timers again, in their order; then the fault processes restart
-    # (each makes its own timer). Every process started here adds an Initialize event the
-    # original run did not have: the round policy's, and each fault process's.
-    for _t, *tag in state["pending"]:
-        if tag[0] == "noop":
-            sim.env.timer(_t - sim.env.now)
-        elif tag[0] in ("wake", "flush"):
-            sim.network.restore_timer(tuple(tag))
-    sim.restore_events = 1 + sim.faults.restore(state["faults"])
+    # (each makes its own timer). A restored update makes its own waits again, and its
+    # dropout and crash timers are bound to its new process; those of updates that ended
+    # fire into nothing, as they would have. Every process started here adds an Initialize
+    # event the original run did not have: the round policy's, each fault process's and each
+    # update's (``added``, with the other events a restore adds).
+    for t, kind, *rest in state["pending"]:
+        live = running.get(rest[0]) if kind in ("update", "dropout", "crash") else None
+        if kind in ("wake", "flush"):
+            sim.network.restore_timer((kind, *rest))
+        elif kind == "update" and live is not None and live[0].attempt == rest[1]:
+            # Its process waits on it again: made here, in the clock's order.
+            tk = live[0]
+            if tk.phase in ("downlink", "uplink"):  # a wired transfer (shared ones are flows)
+                sim.network.wired.waits[tk.client] = sim.env.timer_at(t, tuple([kind, *rest]),
+                                                                      value=True)
+            else:
+                tk.wake = sim.env.timer_at(t, tuple([kind, *rest]))
+        elif kind == "dropout" and live is not None:
+            sim.schedule_dropout(*live, at=t)
+        elif kind == "crash" and live is not None:
+            sim.faults.schedule_crash(*live, at=t, attempt=rest[1])
+        elif kind != "fault":
+            sim.env.timer_at(t)  # fires into nothing, as it would have
+    sim.restore_events = 1 + added + sim.faults.restore(state["faults"])
     sim.env.events_processed = state["sim_events"]
 
 

@@ -14,6 +14,7 @@ run starts its clock at the checkpoint's time through SimPy's public ``initial_t
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,21 @@ class Clock(simpy.Environment):
         if callback is not None:
             ev.callbacks.append(callback)
         return ev
+
+    def timer_at(self, at_s: float, tag: Tag = NOOP,
+                 callback: Callable[[simpy.Event], None] | None = None,
+                 value: Any = None) -> simpy.Timeout:
+        """A timer that fires at exactly ``at_s`` (a restored one: ``now + (at - now)`` can
+        miss ``at`` by a rounding step and reorder it against its neighbours)."""
+        delay_s = max(at_s - self.now, 0.0)
+        for _ in range(64):  # a few steps of one ulp at most
+            if self.now + delay_s < at_s:
+                delay_s = math.nextafter(delay_s, math.inf)
+            elif self.now + delay_s > at_s and delay_s > 0:
+                delay_s = math.nextafter(delay_s, -math.inf)
+            else:
+                break
+        return self.timer(delay_s, tag, callback, value)
 
     def pending(self) -> list[tuple[float, Tag]]:
         """The timers still to fire, in the order SimPy will fire them: (time s, tag)."""

@@ -33,7 +33,7 @@ from fedsim.metrics import PHASES, Recorder, RunResult, percentiles
 from fedsim.plugins import ROUND_POLICIES
 from fedsim.rng import key, stream
 from fedsim.scenario import Scenario
-from fedsim.workload import Arrival, Deferred, JobPlan, Upload, Workload, make_workload
+from fedsim.workload import Arrival, Deferred, Upload, Workload, make_workload
 
 GIB = 2**30
 
@@ -49,6 +49,26 @@ class Ticket:
     transfer: SharedLink | WiredLink | None = None  # the flow in progress, to cancel
     job: Job | None = None  # the training job in progress, to cancel
     attempt: int = 0  # tries after crashes (faults.on_crash: retry)
+    serial: int = 0  # which update of the run this is (a client may send several a round)
+    # Where it is, so that a checkpoint can take it along (async rounds) and resume it:
+    started_s: float = 0.0  # when the current phase began
+    until_s: float | None = None  # when the current wait ends (training, restart, service)
+    nbytes: int = 0  # the transfer in progress
+    upload: Upload | None = None  # once encoded
+    queued_s: float | None = None  # when it reached the server's ingress queue
+    queued_seq: int = 0  # its place in the order of arrival there (ties at one instant)
+    wait_s: float | None = None  # how long it waited there for a worker
+    # A restored update's wait and worker, made by the restore in the clock's original order
+    # (so that it fires among the events of its instant where it would have):
+    wake: simpy.Event | None = None
+    request: simpy.Event | None = None
+    num_samples: int = 0  # examples its training job saw
+
+    @property
+    def tag(self) -> tuple[str, int, int]:
+        """The clock tag of this try's own waits (see ``fedsim.clock``): a wait a crash
+        abandoned belongs to an earlier try."""
+        return ("update", self.serial, self.attempt)
 
 
 class Simulation:
@@ -79,13 +99,17 @@ class Simulation:
         self.first_round = 0  # a resumed run starts later
         self.checkpoint_to: Path | None = None  # run directory whose checkpoints/ to write
         self.restore_events = 0  # SimPy events a restore adds that the original run had not
+        self.queue_seq = 0  # updates that reached the ingress queue so far
+        self.updates_begun = 0  # updates started so far (each ticket's serial)
         self._deferred: list[tuple[int, Deferred]] = []  # rounds whose quality is coming
 
     # --- the life of one update -------------------------------------------------------------
 
-    def _schedule_dropout(self, tk: Ticket, proc: simpy.Process) -> None:
-        """Interrupt the update when its client goes offline, unless it has arrived by then."""
-        t_off = self.availability.next_off_s(tk.client, self.env.now)
+    def schedule_dropout(self, tk: Ticket, proc: simpy.Process, at: float | None = None
+                          ) -> None:
+        """Interrupt the update when its client goes offline, unless it has arrived by then
+        (``at``: a restored timer's time)."""
+        t_off = self.availability.next_off_s(tk.client, self.env.now) if at is None else at
         if math.isinf(t_off):
             return
 
@@ -93,17 +117,26 @@ class Simulation:
             if proc.is_alive and not tk.arrived:
                 proc.interrupt("dropout")
 
-        self.env.timer(t_off - self.env.now, callback=drop)  # after the update: a no-op
+        # After the update it fires into nothing (still an event).
+        tag = ("dropout", tk.serial)
+        if at is None:
+            self.env.timer(t_off - self.env.now, tag, drop)
+        else:
+            self.env.timer_at(at, tag, drop)
 
-    def _transfer(self, tk: Ticket, direction: str, nbytes: int
+    def _transfer(self, tk: Ticket, direction: str, nbytes: int, resumed: bool = False
                   ) -> Generator[simpy.Event, None, bool]:
         c, env = tk.client, self.env
         link = self.network.link(c, direction)
-        started = env.now
-        tk.phase = direction
-        self.rec.emit(started, tk.round, c, f"{direction}_start", nbytes)
         tk.transfer = link
-        ok = yield link.transfer(c, nbytes)
+        if resumed:  # restored mid-flow: the flow is in the link's restored state
+            done = link.resumed(c, tk.tag)
+        else:
+            tk.started_s, tk.phase, tk.nbytes = env.now, direction, nbytes
+            self.rec.emit(env.now, tk.round, c, f"{direction}_start", nbytes)
+            done = link.transfer(c, nbytes, tk.tag)
+        started = tk.started_s
+        ok = yield done
         tk.transfer = None
         if not ok:
             self.rec.emit(env.now, tk.round, c, "outage", 0, direction)
@@ -116,20 +149,24 @@ class Simulation:
         setattr(self.rec, key_, getattr(self.rec, key_) + nbytes)
         return True
 
-    def _train(self, tk: Ticket) -> Generator[simpy.Event, None, object]:
-        """Step 3: plan the job, fail it if it does not fit, else wait FLOPs / FLOP/s."""
+    def _train(self, tk: Ticket, resumed: bool = False) -> Generator[simpy.Event, None, object]:
+        """Step 3: plan the job, fail it if it does not fit, else wait FLOPs / FLOP/s. A
+        restored job is planned and submitted again (both are pure functions of the seed)."""
         c, env, wl = tk.client, self.env, self.workload
-        tk.phase = "train"
         plan = wl.plan(c, tk.round)
-        limit = self.fleet.memory_gib[c] * GIB
-        if plan.peak_memory_bytes > limit:
-            detail = f"needs {plan.peak_memory_bytes / GIB:.2f} GiB, has {limit / GIB:.2f} GiB"
-            self.rec.emit(env.now, tk.round, c, "oom", 0, detail)
-            return None
-        self.rec.emit(env.now, tk.round, c, "train_start", 0, f"flops={plan.flops:.4g}")
-        tk.job = self.executor.submit_train(wl, c, tk.round, plan)
         compute_s = plan.flops / self.fleet.flops_per_s[c]
-        yield env.timer(compute_s)
+        if not resumed:
+            tk.phase = "train"
+            limit = self.fleet.memory_gib[c] * GIB
+            if plan.peak_memory_bytes > limit:
+                detail = (f"needs {plan.peak_memory_bytes / GIB:.2f} GiB, has "
+                          f"{limit / GIB:.2f} GiB")
+                self.rec.emit(env.now, tk.round, c, "oom", 0, detail)
+                return None
+            self.rec.emit(env.now, tk.round, c, "train_start", 0, f"flops={plan.flops:.4g}")
+            tk.until_s = env.now + compute_s
+        tk.job = self.executor.submit_train(wl, c, tk.round, plan)
+        yield self._restored_wait(tk) if resumed else env.timer(compute_s, tk.tag)
         job, tk.job = tk.job, None
         self.compute_s[c] += compute_s
         self.rec.latency("compute", compute_s)
@@ -141,29 +178,41 @@ class Simulation:
         self.rec.emit(env.now, tk.round, c, "train_end", 0, f"samples={plan.num_samples}")
         return (plan, update)
 
-    def client_update(self, tk: Ticket, deadline_at: float | None = None
-                      ) -> Generator[simpy.Event, None, Arrival | None]:
+    def client_update(self, tk: Ticket, deadline_at: float | None = None,
+                      resumed: bool = False) -> Generator[simpy.Event, None, Arrival | None]:
         """Download -> train -> encode -> upload -> ingest. Returns the accepted Arrival.
 
         A dropout (the client goes offline), a crash or the round's deadline interrupts it;
         whatever it was doing is cancelled and the interruption recorded. After a crash, with
         ``faults.on_crash: retry``, the client reboots and starts over (download included).
+        ``resumed``: a checkpointed update goes on from ``tk.phase`` (its dropout and crash
+        timers, its flow and its place in the links' counts are restored already).
         """
         c, env = tk.client, self.env
         proc = env.active_process
-        self._schedule_dropout(tk, proc)
-        self.per_client["updates_sent"][c] += 1
         uplink = self.network.link(c, UPLINK)
-        uplink.contenders += 1
+        if not resumed:
+            self.schedule_dropout(tk, proc)
+            self.per_client["updates_sent"][c] += 1
+            uplink.contenders += 1
+        elif tk.phase in ("queue", "service"):
+            return (yield from self._ingest(tk, tk.upload, resumed=True))
         faults = self.scenario.faults
         try:
             while True:
-                self.faults.schedule_crash(tk, proc)
+                if not resumed:
+                    self.faults.schedule_crash(tk, proc)
                 try:
-                    if tk.attempt:  # rebooting after a crash
-                        tk.phase = "restart"
-                        yield env.timer(faults.restart_s)
-                    sent = yield from self._attempt(tk, deadline_at, uplink)
+                    if tk.attempt and not (resumed and tk.phase != "restart"):
+                        tk.phase = "restart"  # rebooting after a crash
+                        if resumed:
+                            yield self._restored_wait(tk)
+                        else:
+                            tk.until_s = env.now + faults.restart_s
+                            yield env.timer(faults.restart_s, tk.tag)
+                        resumed = False
+                    sent = yield from self._attempt(tk, deadline_at, uplink,
+                                                    tk.phase if resumed else None)
                     break
                 except simpy.Interrupt as stop:
                     if tk.transfer is not None:
@@ -173,7 +222,7 @@ class Simulation:
                     self.rec.emit(env.now, tk.round, c, str(stop.cause), 0, tk.phase)
                     if (stop.cause == "crash" and faults.on_crash == "retry"
                             and tk.attempt < faults.crash_retries):
-                        tk.attempt += 1
+                        tk.attempt, resumed = tk.attempt + 1, False
                         continue
                     return self._failed(c)
         finally:
@@ -181,45 +230,73 @@ class Simulation:
         if sent is None:
             return self._failed(c)
         tk.arrived = True
-        plan, upload = sent
-        return (yield from self._ingest(tk, plan.num_samples, upload))
+        return (yield from self._ingest(tk, sent))
 
-    def _attempt(self, tk: Ticket, deadline_at: float | None, uplink: SharedLink | WiredLink
-                 ) -> Generator[simpy.Event, None, tuple[JobPlan, Upload] | None]:
-        """One try at steps 2-5: download, train, encode, upload. None: it failed."""
+    def _attempt(self, tk: Ticket, deadline_at: float | None, uplink: SharedLink | WiredLink,
+                 resume: str | None = None) -> Generator[simpy.Event, None, Upload | None]:
+        """One try at steps 2-5: download, train, encode, upload. None: it failed.
+        ``resume``: the phase a restored update goes on from."""
         c, env, wl = tk.client, self.env, self.workload
-        if not (yield from self._transfer(tk, DOWNLINK, wl.download_bytes(c))):
+        if resume is None or resume == "downlink":
+            nbytes = wl.download_bytes(c) if resume is None else tk.nbytes
+            if not (yield from self._transfer(tk, DOWNLINK, nbytes, resume is not None)):
+                return None
+            resume = None
+        if resume is None or resume == "train":
+            trained = yield from self._train(tk, resume is not None)
+            if trained is None:
+                return None
+            plan, update = trained
+            tk.phase, tk.num_samples = "encode", plan.num_samples
+            time_left = None if deadline_at is None else deadline_at - env.now
+            tk.upload = wl.encode(c, tk.round, update, uplink.estimate_rate_bps(c), time_left)
+            up = tk.upload
+            self.rec.emit(env.now, tk.round, c, "encode", up.nbytes,
+                          f"{up.codec} raw={up.raw_bytes} err={up.rel_error:.4g}")
+            resume = None
+        if not (yield from self._transfer(tk, UPLINK, tk.upload.nbytes, resume is not None)):
             return None
-        trained = yield from self._train(tk)
-        if trained is None:
-            return None
-        plan, update = trained
-        tk.phase = "encode"
-        time_left = None if deadline_at is None else deadline_at - env.now
-        upload = wl.encode(c, tk.round, update, uplink.estimate_rate_bps(c), time_left)
-        self.rec.emit(env.now, tk.round, c, "encode", upload.nbytes,
-                      f"{upload.codec} raw={upload.raw_bytes} err={upload.rel_error:.4g}")
-        if not (yield from self._transfer(tk, UPLINK, upload.nbytes)):
-            return None
-        return plan, upload
+        return tk.upload
 
-    def _ingest(self, tk: Ticket, num_samples: int, upload: Upload
+    def _restored_wait(self, tk: Ticket) -> simpy.Event:
+        """The wait a restored update was in: the timer the restore made (in the clock's
+        order), or one ending when it would have."""
+        wake, tk.wake = tk.wake, None
+        return wake if wake is not None else self.env.timer_at(tk.until_s, tk.tag)
+
+    def _ingest(self, tk: Ticket, upload: Upload, resumed: bool = False
                 ) -> Generator[simpy.Event, None, Arrival | None]:
-        """Step 6-7: wait for a server worker, decode and project; or be dropped."""
+        """Step 6-7: wait for a server worker, decode and project; or be dropped. A restored
+        update waits again in its place, or is served again for what its service had left
+        (its decode and projection redone: pure functions of the payload)."""
         c, env = tk.client, self.env
         result = {}
 
+        again = resumed and tk.phase == "service"  # its work began before the checkpoint
+
         def work() -> float:
             result["ing"] = ing = self.workload.ingest(c, upload)
-            self.rec.emit(env.now, tk.round, c, "ingest_start", upload.nbytes, ing.detail)
-            return ing.flops / self.scenario.server.flops_per_s
+            service_s = ing.flops / self.scenario.server.flops_per_s
+            if not again:
+                self.rec.emit(env.now, tk.round, c, "ingest_start", upload.nbytes, ing.detail)
+                tk.phase, tk.until_s = "service", env.now + service_s
+                tk.wait_s = env.now - tk.queued_s
+            return service_s
 
         def lost() -> None:
             how = "requeued" if self.ingress.requeue else "lost"
             self.rec.emit(env.now, tk.round, c, "server_failure", upload.nbytes, how)
 
+        if not resumed:
+            tk.phase, tk.queued_s, tk.until_s, tk.upload = "queue", env.now, None, upload
+            tk.queued_seq, self.queue_seq = self.queue_seq, self.queue_seq + 1
+        elif tk.phase == "queue":
+            tk.until_s = None
         try:
-            wait = yield from self.ingress.serve(work, lost)
+            wait = yield from self.ingress.serve(
+                work, lost, tk.tag, resumed=tk.phase if resumed else None,
+                arrived_s=tk.queued_s, until_s=tk.until_s, wait_s=tk.wait_s,
+                request=tk.request, wake=tk.wake)
         except ServerFailure:
             return self._failed(c)
         if wait is None:
@@ -235,8 +312,8 @@ class Simulation:
         self.rec.bytes_up_accepted += upload.nbytes
         self.rec.bytes_up_raw += upload.raw_bytes  # the same updates: a fair ratio
         self.per_client["updates_accepted"][c] += 1
-        return Arrival(client=c, round=tk.round, num_samples=num_samples, result=ing.result,
-                       carried=ing.carried)
+        return Arrival(client=c, round=tk.round, num_samples=tk.num_samples,
+                       result=ing.result, carried=ing.carried, upload=upload)
 
     def _failed(self, client: int) -> None:
         self.per_client["failures"][client] += 1

@@ -41,20 +41,26 @@ class Faults:
 
     # --- client crashes ----------------------------------------------------------------------
 
-    def schedule_crash(self, tk: Ticket, proc: simpy.Process) -> None:
+    def schedule_crash(self, tk: Ticket, proc: simpy.Process, at: float | None = None,
+                       attempt: int | None = None) -> None:
         """Interrupt this try at an Exp(client_crash_per_h) time, unless it is over by then.
-        The draw is keyed by (client, round, try): the same whatever else happens."""
+        The draw is keyed by (client, round, try): the same whatever else happens. ``at``
+        and ``attempt``: a timer restored from a checkpoint."""
         rate_per_s = self.cfg.client_crash_per_h / 3600.0
         if rate_per_s <= 0:
             return
-        attempt = tk.attempt
-        u = hashed_uniform_one(self.crash_key, tk.client, tk.round * 1024 + attempt)
+        attempt = tk.attempt if attempt is None else attempt
+        tag = ("crash", tk.serial, attempt)
 
         def crash(_event: simpy.Event) -> None:
             if proc.is_alive and not tk.arrived and tk.attempt == attempt:
                 proc.interrupt("crash")
 
-        self.sim.env.timer(-math.log(u) / rate_per_s, callback=crash)
+        if at is None:
+            u = hashed_uniform_one(self.crash_key, tk.client, tk.round * 1024 + attempt)
+            self.sim.env.timer(-math.log(u) / rate_per_s, tag, crash)
+        else:
+            self.sim.env.timer_at(at, tag, crash)
 
     # --- cell outages and server failures --------------------------------------------------
 
@@ -77,7 +83,8 @@ class Faults:
         return -math.log(hashed_uniform_one(key(self.seed, f"faults.{name}"), unit, n)) * mean_s
 
     def _until(self, at: float) -> simpy.Timeout:
-        return self.sim.env.timer(at - self.sim.env.now, FAULT_TIMER)
+        # exactly at ``at``: a restarted process must wait for the very same instant
+        return self.sim.env.timer_at(at, FAULT_TIMER)
 
     def _link_outages(self, cell: int, st: dict[str, Any]) -> Generator[simpy.Event, None, None]:
         """Up for Exp(1/rate), down for Exp(link_outage_s), again and again."""

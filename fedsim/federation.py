@@ -19,6 +19,7 @@ order jobs run in and wherever they run.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 from dataclasses import dataclass, replace
 from typing import Any
@@ -123,6 +124,14 @@ def partition_clients(task: TaskData, scenario: Scenario, n_clients: int) -> lis
     labels = TASKS.get(task.task).partition_labels(task.train)  # None: nothing to skew
     return partition(p.name, labels, len(task.train), n_clients, stream(scenario.seed, "partition"),
                      **p.options())
+
+
+def _taker(tensors: dict[str, torch.Tensor]) -> Any:
+    """``take(prefix)``: the tensors named ``prefix/<name>``, by ``<name>``."""
+    def take(prefix: str) -> dict[str, torch.Tensor]:
+        head = prefix + "/"
+        return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+    return take
 
 
 @WORKLOADS.register("real")
@@ -361,15 +370,15 @@ class LoraWorkload(Workload):
             put(f"last/{c}/start", start)
             put(f"last/{c}/delta", delta)
         put("server", self.servers.state())
+        for c, adapter in self._downloaded.items():  # what updates in flight train from
+            put(f"downloaded/{c}", adapter)
         state = {"versions": {m: f.version for m, f in self.families.items()},
-                 "last": sorted(self._last)}
+                 "last": sorted(self._last), "downloaded": sorted(self._downloaded)}
         return state, t
 
     def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        def take(prefix: str) -> dict[str, torch.Tensor]:
-            head = prefix + "/"
-            return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
-
+        take = _taker(tensors)
+        self._downloaded = {c: take(f"downloaded/{c}") for c in state.get("downloaded", [])}
         for model, fam in self.families.items():
             fam.adapter = take(f"family/{model}")
             fam.version = state["versions"][model]
@@ -378,6 +387,22 @@ class LoraWorkload(Workload):
         self._last = {c: (take(f"last/{c}/start"), take(f"last/{c}/delta"))
                       for c in state["last"]}
         self.servers.restore(take("server"))
+
+    def upload_state(self, upload: Upload, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        doc, _ = super().upload_state(upload, key)
+        sent = upload.sent
+        assert sent is not None, "a real upload carries its payload"
+        doc["sent"] = {"family": sent.family, "num_samples": sent.num_samples,
+                       "quality": sent.quality,
+                       "payload": base64.b64encode(sent.payload.data).decode("ascii")}
+        return doc, {f"{key}/start/{k}": v.detach().clone() for k, v in sent.start.items()}
+
+    def restore_upload(self, doc: dict[str, Any], tensors: dict[str, Any], key: str) -> Upload:
+        s = doc["sent"]
+        sent = Sent(s["family"], s["num_samples"], s["quality"],
+                    codecs.Payload(base64.b64decode(s["payload"])),
+                    _taker(tensors)(f"{key}/start"))
+        return Upload(**{k: v for k, v in doc.items() if k != "sent"}, sent=sent)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # its error, if any, was raised to the engine

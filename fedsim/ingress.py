@@ -13,7 +13,7 @@ from typing import Any
 
 import simpy
 
-from fedsim.clock import Clock
+from fedsim.clock import NOOP, Clock, Tag
 
 
 class Ingress:
@@ -49,24 +49,47 @@ class Ingress:
         self.queue_max = max(self.queue_max, q)
         self.queue_series.append((self.env.now, q))
 
-    def serve(self, work: Callable[[], float], on_failure: Callable[[], None] | None = None
+    def serve(self, work: Callable[[], float], on_failure: Callable[[], None] | None = None,
+              tag: Tag = NOOP, *, resumed: str | None = None, arrived_s: float | None = None,
+              until_s: float | None = None, wait_s: float | None = None,
+              request: simpy.Event | None = None, wake: simpy.Event | None = None
               ) -> Generator[simpy.Event, None, float | None]:
-        if len(self.resource.queue) >= self.queue_capacity and self.resource.count >= self.workers:
+        """Wait for a worker, do ``work`` and hold the worker that long; the wait in seconds,
+        or None when dropped. ``resumed``: a checkpointed update takes its place again,
+        ``"queue"`` (waiting since ``arrived_s``) or ``"service"`` (served until ``until_s``,
+        after a wait of ``wait_s``, on the worker ``request`` and timer ``wake`` the restore
+        made); what it did before the checkpoint is not counted twice."""
+        if resumed is None and (len(self.resource.queue) >= self.queue_capacity
+                                and self.resource.count >= self.workers):
             self.dropped += 1
             return None
-        arrived, wait, service_s = self.env.now, None, 0.0
+        arrived = self.env.now if resumed is None else arrived_s
+        wait, service_s = None, 0.0
         while True:
-            with self.resource.request(priority=self.UPDATE, preempt=False) as req:
-                self._note_queue()
+            req = request or self.resource.request(priority=self.UPDATE, preempt=False)
+            request = None
+            with req:
+                if resumed is None:
+                    self._note_queue()
                 yield req
-                self._note_queue()
+                if resumed != "service":
+                    self._note_queue()
+                left_s, again = service_s, False
                 if wait is None:  # the first service does the work; a requeue only waits
-                    wait = self.env.now - arrived
-                    self.waits_s.append(wait)
-                    service_s = work()
-                started = self.env.now
+                    if resumed == "service":  # its wait was counted before the checkpoint
+                        wait, service_s, again = wait_s, work(), True
+                        left_s = until_s - self.env.now
+                    else:
+                        wait = self.env.now - arrived
+                        self.waits_s.append(wait)
+                        service_s = left_s = work()
+                resumed = None
+                started = self.env.now - (service_s - left_s)
                 try:
-                    yield self.env.timer(service_s)
+                    if again:  # it ends when it would have
+                        yield wake if wake is not None else self.env.timer_at(until_s, tag)
+                    else:
+                        yield self.env.timer(left_s, tag)
                 except simpy.Interrupt:  # its worker failed mid-service
                     self.busy_s += self.env.now - started
                     if on_failure is not None:

@@ -271,8 +271,10 @@ class ProjectionTransferConfig(TransferConfig):
 class RoundPolicyConfig(PluginConfig):
     registry = ROUND_POLICIES
     name: str
-    # Whether a run can be checkpointed at round boundaries (output.checkpoint_every).
+    # Whether a run can be checkpointed at round boundaries (output.checkpoint_every), and
+    # with server worker failures (an update preempted in service is not restored yet).
     checkpoints: ClassVar[bool] = True
+    checkpoints_server_failures: ClassVar[bool] = True
 
 
 @ROUND_POLICIES.options("sync")
@@ -297,7 +299,7 @@ class AsyncRoundsConfig(RoundPolicyConfig):
     """FedBuff (Nguyen et al. 2022): aggregate every ``buffer_size`` arrivals."""
 
     name: Literal["async"] = "async"
-    checkpoints: ClassVar[bool] = False
+    checkpoints_server_failures: ClassVar[bool] = False  # updates are in service at a checkpoint
     buffer_size: int = Field(default=10, ge=1)
     concurrency: int = Field(default=20, ge=1)  # clients training at once
     staleness_exponent: NonNegFloat = 0.5  # weight (1 + staleness)^-a

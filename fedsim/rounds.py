@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Generator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import simpy
 
 from fedsim.engine import Ticket
 from fedsim.plugins import ROUND_POLICIES
+from fedsim.workload import Arrival
 
 if TYPE_CHECKING:
     from fedsim.engine import Simulation
@@ -38,9 +39,24 @@ class RoundPolicy(ABC):
     @abstractmethod
     def run(self) -> Generator[simpy.Event, None, None]: ...
 
+    # --- snapshot protocol: sync and deadline rounds end with nothing in flight -------------
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {}, {}
+
+    def restore(self, state: dict[str, Any], tensors: dict[str, Any]) -> int:
+        """Take :meth:`state`'s documents; returns the SimPy events the restore adds that the
+        original run did not have."""
+        return 0
+
+    def in_flight_tickets(self) -> dict[int, tuple[Ticket, simpy.Process]]:
+        """The restored updates still running, by serial."""
+        return {}
+
     def start(self, client: int, round_: int, deadline_at: float | None = None
               ) -> tuple[Ticket, simpy.Process]:
-        tk = Ticket(client, round_)
+        tk = Ticket(client, round_, serial=self.sim.updates_begun)
+        self.sim.updates_begun += 1
         self.sim.rec.emit(self.sim.env.now, round_, client, "select")
         return tk, self.sim.env.process(self.sim.client_update(tk, deadline_at))
 
@@ -98,41 +114,146 @@ class DeadlineRounds(SyncRounds):
 @ROUND_POLICIES.register("async")
 class AsyncBuffered(RoundPolicy):
     """FedBuff (Nguyen et al. 2022): ``concurrency`` clients train at once; the server
-    aggregates every ``buffer_size`` arrivals, each weighted (1 + staleness)^-a."""
+    aggregates every ``buffer_size`` arrivals, each weighted (1 + staleness)^-a.
+
+    Checkpoints (after an aggregation) take the updates in flight along: each one's ticket
+    (where it is), the arrivals buffered for the next aggregation, the loop's counters.
+    """
+
+    def __init__(self, sim: Simulation) -> None:
+        super().__init__(sim)
+        self.version, self.buffer, self.started = 0, [], 0.0
+        self.stats = {"selected": 0, "arrived": 0}
+        self.in_flight: dict[simpy.Event, Ticket] = {}
+        self.resumed = False
 
     def run(self) -> Generator[simpy.Event, None, None]:
         sim, env, cfg = self.sim, self.sim.env, self.cfg
-        version, buffer = 0, []
-        in_flight: dict[simpy.Process, Ticket] = {}
-        started = env.now
-        stats = {"selected": 0, "arrived": 0}
-        while version < sim.scenario.rounds:
-            busy = {tk.client for tk in in_flight.values()}
-            free = [c for c in sim.available() if int(c) not in busy]
-            need = cfg.concurrency - len(in_flight)
-            for c in sim.select(np.array(free, dtype=np.int64), need) if need > 0 else []:
-                tk, p = self.start(c, version)
-                in_flight[p] = tk
-                stats["selected"] += 1
-            if not in_flight:
-                yield from sim.wait_for_clients()
-                continue
-            yield env.any_of(list(in_flight))
-            for p in [p for p in in_flight if not p.is_alive]:
-                tk = in_flight.pop(p)
-                if p.value is not None:
-                    arrival = p.value
-                    arrival.staleness = version - tk.round
-                    arrival.weight = (1.0 + arrival.staleness) ** -cfg.staleness_exponent
-                    sim.rec.emit(env.now, version, tk.client, "buffered", 0,
-                                 f"staleness={arrival.staleness} weight={arrival.weight:.6g}")
-                    buffer.append(arrival)
-                    stats["arrived"] += 1
-            while len(buffer) >= cfg.buffer_size and version < sim.scenario.rounds:
-                batch, buffer = buffer[: cfg.buffer_size], buffer[cfg.buffer_size:]
-                yield from sim.close_round(version, started, batch, stats)
-                version, started = version + 1, env.now
-                stats = {"selected": 0, "arrived": 0}
-        for p, tk in in_flight.items():
-            if p.is_alive and not tk.arrived:
+        if not self.resumed:
+            self.started = env.now
+        while self.version < sim.scenario.rounds:
+            if not self.resumed:
+                yield from self._gather()
+            self.resumed = False
+            while len(self.buffer) >= cfg.buffer_size and self.version < sim.scenario.rounds:
+                batch = self.buffer[: cfg.buffer_size]
+                self.buffer = self.buffer[cfg.buffer_size:]
+                yield from sim.close_round(self.version, self.started, batch, self.stats)
+                self.version, self.started = self.version + 1, env.now
+                self.stats = {"selected": 0, "arrived": 0}
+                sim.at_boundary(self.version - 1)
+        for p, tk in self.in_flight.items():
+            if not p.triggered and not tk.arrived:
                 p.interrupt("cancelled")
+
+    def _gather(self) -> Generator[simpy.Event, None, None]:
+        """Top up to ``concurrency`` updates in flight, wait for one to end, buffer arrivals."""
+        sim, env, cfg, in_flight = self.sim, self.sim.env, self.cfg, self.in_flight
+        busy = {tk.client for tk in in_flight.values()}
+        free = [c for c in sim.available() if int(c) not in busy]
+        need = cfg.concurrency - len(in_flight)
+        for c in sim.select(np.array(free, dtype=np.int64), need) if need > 0 else []:
+            tk, p = self.start(c, self.version)
+            in_flight[p] = tk
+            self.stats["selected"] += 1
+        if not in_flight:
+            yield from sim.wait_for_clients()
+            return
+        yield env.any_of(list(in_flight))
+        for p in [p for p in in_flight if p.triggered]:
+            tk = in_flight.pop(p)
+            if p.value is not None:
+                arrival = p.value
+                arrival.staleness = self.version - tk.round
+                arrival.weight = (1.0 + arrival.staleness) ** -cfg.staleness_exponent
+                sim.rec.emit(env.now, self.version, tk.client, "buffered", 0,
+                             f"staleness={arrival.staleness} weight={arrival.weight:.6g}")
+                self.buffer.append(arrival)
+                self.stats["arrived"] += 1
+
+    # --- snapshot protocol: the updates in flight go along ----------------------------------
+
+    _TICKET = ("client", "round", "serial", "arrived", "phase", "attempt", "started_s", "until_s",
+               "nbytes", "queued_s", "queued_seq", "wait_s", "num_samples")
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        wl, tensors = self.sim.workload, {}
+
+        def upload(u: Any, key: str) -> dict[str, Any] | None:
+            if u is None:
+                return None
+            doc, t = wl.upload_state(u, key)
+            tensors.update(t)
+            return doc
+
+        def arrival(a: Arrival, key: str) -> dict[str, Any]:
+            return {"client": a.client, "round": a.round, "num_samples": a.num_samples,
+                    "staleness": a.staleness, "weight": a.weight,
+                    "upload": upload(a.upload, key)}
+
+        flights = []
+        for i, (p, tk) in enumerate(self.in_flight.items()):
+            doc = {k: getattr(tk, k) for k in self._TICKET}
+            doc["upload"] = upload(tk.upload, f"flight/{i}")
+            doc["ended"] = p.triggered  # ended, not yet taken out by the loop
+            doc["value"] = (arrival(p.value, f"flight/{i}/value")
+                            if p.triggered and p.value is not None else None)
+            flights.append(doc)
+        doc = {"version": self.version, "started": self.started, "stats": self.stats,
+               "buffer": [arrival(a, f"buffer/{i}") for i, a in enumerate(self.buffer)],
+               "in_flight": flights}
+        return doc, tensors
+
+    def _arrival(self, doc: dict[str, Any], tensors: dict[str, Any], key: str) -> Arrival:
+        """A buffered arrival again: its upload decoded and carried again (pure functions)."""
+        wl = self.sim.workload
+        up = (wl.restore_upload(doc["upload"], tensors, key) if doc["upload"] is not None
+              else None)
+        ing = wl.ingest(doc["client"], up) if up is not None else None
+        return Arrival(client=doc["client"], round=doc["round"], num_samples=doc["num_samples"],
+                       staleness=doc["staleness"], weight=doc["weight"],
+                       result=ing.result if ing else None, carried=ing.carried if ing else {},
+                       upload=up)
+
+    def restore(self, state: dict[str, Any], tensors: dict[str, Any]) -> int:
+        sim, env, wl = self.sim, self.sim.env, self.sim.workload
+        self.version, self.started = state["version"], state["started"]
+        self.stats = dict(state["stats"])
+        self.buffer = [self._arrival(a, tensors, f"buffer/{i}")
+                       for i, a in enumerate(state["buffer"])]
+        self.resumed, added = True, 0
+        # Served ones first: they hold the workers again before the queued ones ask.
+        rank = {"service": 0, "queue": 1}  # then the queue in its order, then the others
+        order = sorted(range(len(state["in_flight"])), key=lambda i: (
+            rank.get(state["in_flight"][i]["phase"], 2), state["in_flight"][i]["queued_seq"], i))
+        made: dict[int, tuple[Ticket, simpy.Event]] = {}
+        # Updates that had ended (not yet taken out by the loop): events that have happened,
+        # processed here first (before anything else is on the clock), as they had been.
+        ended = [i for i in order if state["in_flight"][i]["ended"]]
+        for i in ended:
+            doc = state["in_flight"][i]
+            value = (self._arrival(doc["value"], tensors, f"flight/{i}/value")
+                     if doc["value"] is not None else None)
+            made[i] = (Ticket(**{k: doc[k] for k in self._TICKET}), env.event().succeed(value))
+        for _ in ended:
+            env.step()  # (the restore sets the event count afterwards)
+        for i in order:
+            if i in made:
+                continue
+            doc = state["in_flight"][i]
+            tk = Ticket(**{k: doc[k] for k in self._TICKET})
+            if doc["upload"] is not None:
+                tk.upload = wl.restore_upload(doc["upload"], tensors, f"flight/{i}")
+            if doc["phase"] == "service" and not doc["ended"]:  # it holds its worker again
+                tk.request = sim.ingress.resource.request(priority=sim.ingress.UPDATE,
+                                                          preempt=False)
+            ev = env.process(sim.client_update(tk, None, resumed=True))
+            added += 1 if doc["phase"] != "service" else 2  # + the worker granted again
+            made[i] = (tk, ev)
+        self.in_flight = {made[i][1]: made[i][0] for i in range(len(made))}
+        self._running = {tk.serial: (tk, ev) for tk, ev in made.values()
+                         if isinstance(ev, simpy.Process)}
+        return added
+
+    def in_flight_tickets(self) -> dict[int, tuple[Ticket, simpy.Process]]:
+        return getattr(self, "_running", {})

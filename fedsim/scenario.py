@@ -273,6 +273,12 @@ class Scenario(Config):
             raise ValueError(f"output.checkpoint_every: {self.round_policy.name} rounds cannot "
                              "be checkpointed (their updates overlap every aggregation; use "
                              "sync or deadline rounds)")
+        if (self.output.checkpoint_every and not self.round_policy.checkpoints_server_failures
+                and self.faults.server_failure_per_h > 0):
+            raise ValueError(f"output.checkpoint_every: {self.round_policy.name} runs with "
+                             "server failures "
+                             "(faults.server_failure_per_h) cannot be checkpointed yet: an "
+                             "update preempted in service is not restored")
         return self
 
     @model_validator(mode="after")

@@ -93,6 +93,7 @@ class Arrival:
     result: ClientResult | None = None
     carried: Carried = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    upload: Upload | None = None  # what it was decoded from (a checkpoint re-ingests it)
 
 
 class Deferred:
@@ -169,6 +170,14 @@ class Workload(ABC):
 
     def restore(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
         """Take the state :meth:`state` returned (on a freshly built workload)."""
+
+    def upload_state(self, upload: Upload, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """An upload in flight as (JSON, tensors named under ``key``) for a checkpoint."""
+        return {"nbytes": upload.nbytes, "raw_bytes": upload.raw_bytes, "codec": upload.codec,
+                "rel_error": upload.rel_error}, {}
+
+    def restore_upload(self, doc: dict[str, Any], tensors: dict[str, Any], key: str) -> Upload:
+        return Upload(**doc)
 
     def close(self) -> None:
         """Release executors and models."""

@@ -75,6 +75,54 @@ def test_synthetic_deadline_run_with_faults_resumes_identically(tmp_path):
     assert ov["deadline_misses"]
 
 
+ASYNC = SYNTHETIC.replace(
+    "round_policy: {name: deadline, deadline_s: 15, clients_per_round: 14}",
+    "round_policy: {name: async, buffer_size: 2, concurrency: 8}").replace(
+    "server_failure_per_h: 40, server_repair_s: 5", "server_failure_per_h: 0").replace(
+    "server: {workers: 2, flops_per_s: 1.0e10}", "server: {workers: 2, flops_per_s: 2.0e9}"
+    ).replace("rounds: 6", "rounds: 12")
+
+
+def _phases(run_dir) -> set[str]:
+    """Where the updates in flight were at each checkpoint (ended*: ended, not yet taken)."""
+    out = set()
+    for path in checkpoint.checkpoint_dir(run_dir).iterdir():
+        state = json.loads((path / checkpoint.STATE).read_text())
+        out |= {f["phase"] + ("*" if f["ended"] else "") for f in state["policy"]["in_flight"]}
+        out |= {"buffered"} if state["policy"]["buffer"] else set()
+    return out
+
+
+def test_async_run_resumes_identically_with_updates_in_flight(tmp_path):
+    """FedBuff with crashes (retry) and cell outages: a checkpoint after every aggregation
+    holds updates downloading, training, uploading, queued and in service (small and large
+    downloads between them); resuming from each ends exactly as the uninterrupted run."""
+    seen, faults = set(), {"crashes": 0, "link_outages": 0}
+    for download_bytes in (1_000_000, 60_000_000):
+        out = tmp_path / str(download_bytes)
+        out.mkdir()
+        path = out / "s.yaml"
+        path.write_text(ASYNC.replace("download_bytes: 1000000",
+                                      f"download_bytes: {download_bytes}"))
+        sc = load(path)
+        assert _resume_from_each(sc, out) == 11
+        seen |= _phases(out / "full")
+        ov = run(sc).summary["overload"]
+        faults = {k: n + ov[k] for k, n in faults.items()}
+    assert {"downlink", "train", "uplink", "queue", "service"} <= seen, seen
+    assert all(faults.values()), faults  # their timers were restored too
+
+
+def test_async_real_run_resumes_identically(tmp_path):
+    """Tiny real models: the uploads in flight (payload bytes, the adapter each trained from)
+    and the adapters downloaded travel in the checkpoint."""
+    sc = load(ROOT / "scenarios/async-fedbuff.yaml", [
+        *scenario_test_overrides(ROOT / "scenarios/async-fedbuff.yaml"), "rounds=3",
+        "output.checkpoint_every=1", "executor.name=inline"])
+    assert _resume_from_each(sc, tmp_path) == 2
+    assert _phases(tmp_path / "full")
+
+
 def _tiny_real(extra=()):
     return load(ROOT / "scenarios/quickstart.yaml", [
         *scenario_test_overrides(ROOT / "scenarios/quickstart.yaml"), "rounds=3",
@@ -89,7 +137,8 @@ def test_real_sync_run_resumes_identically(tmp_path):
     assert _resume_from_each(sc, tmp_path) == 2
     _, tensors = checkpoint.load(checkpoint.latest(tmp_path / "full"))
     kinds = {k.split("/")[0] for k in tensors}
-    assert kinds == {"family", "residual", "last", "server"}
+    # + the adapters clients downloaded: what updates in flight train from (async)
+    assert kinds == {"family", "residual", "last", "server", "downloaded"}
 
 
 def test_checkpoint_files_are_json_and_safetensors_never_pickle(tmp_path):
@@ -113,7 +162,8 @@ def test_resume_errors_are_user_errors(tmp_path):
         run(load(path, ["seed=4"]), resume=tmp_path / "r")
     path.write_text(SYNTHETIC.replace("name: deadline, deadline_s: 15, clients_per_round: 14",
                                       "name: async"))
-    with pytest.raises(FedsimError, match=r"output\.checkpoint_every: async rounds cannot"):
+    with pytest.raises(FedsimError, match=r"output\.checkpoint_every: async runs with server "
+                       "failures"):
         load(path)
 
 
@@ -122,7 +172,7 @@ def _fedsim(*args, **kw):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
 
 
-@pytest.mark.parametrize("policy", ["sync", "deadline"])
+@pytest.mark.parametrize("policy", ["sync", "deadline", "async"])
 def test_kill_9_then_resume_ends_as_the_uninterrupted_run(tmp_path, policy):
     """A real subprocess, killed with SIGKILL at a random moment after its first checkpoint,
     then resumed with ``fedsim run FILE --resume DIR``."""
@@ -132,6 +182,10 @@ def test_kill_9_then_resume_ends_as_the_uninterrupted_run(tmp_path, policy):
         "clients_per_round: 14", "clients_per_round: 600")
     if policy == "sync":
         doc = doc.replace("name: deadline, deadline_s: 15,", "name: sync,")
+    if policy == "async":  # a checkpoint every aggregation; no server failures (see scenario)
+        doc = doc.replace("name: deadline, deadline_s: 15, clients_per_round: 600",
+                          "name: async, buffer_size: 200, concurrency: 600").replace(
+            "server_failure_per_h: 40, server_repair_s: 5", "server_failure_per_h: 0")
     path = tmp_path / "s.yaml"
     path.write_text(doc)
     clean = tmp_path / "clean"

@@ -74,7 +74,7 @@ def test_overrides_are_typed_by_the_schema(tmp_path):
     ({"network": {"channel": {"name": "trace", "trace_path": "/nonexistent.csv"}}}, "network.channel.trace_path: trace file '/nonexistent.csv' not found"),
     ({"executor": {"name": "inline", "workers": 2}}, "executor.workers: not an option of executor 'inline'; executors that take it: process, ray"),
     ({"workload": {"name": "synthetic", "rank": 2}}, "workload.rank: not an option of workload 'synthetic'"),
-    ({"round_policy": {"name": "async"}, "output": {"checkpoint_every": 1}}, "output.checkpoint_every: async rounds cannot be checkpointed"),
+    ({"round_policy": {"name": "async"}, "output": {"checkpoint_every": 1}, "faults": {"server_failure_per_h": 1}}, "output.checkpoint_every: async runs with server failures (faults.server_failure_per_h) cannot be checkpointed yet"),
     ({"clients": [{"profile": "mobile", "count": 1, "cells": [3]}]}, "clients.0.cells: cell 3 does not exist"),
     ({"clients": [{"profile": "mobile", "count": 1, "spread": {"colour": 1}}]}, "clients.0.spread: cannot spread"),
 ])
