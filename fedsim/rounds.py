@@ -126,6 +126,7 @@ class AsyncBuffered(RoundPolicy):
         self.stats = {"selected": 0, "arrived": 0}
         self.in_flight: dict[simpy.Event, Ticket] = {}
         self.resumed = False
+        self._running: dict[int, tuple[Ticket, simpy.Process]] = {}  # restored, by serial
 
     def run(self) -> Generator[simpy.Event, None, None]:
         sim, env, cfg = self.sim, self.sim.env, self.cfg
@@ -256,4 +257,4 @@ class AsyncBuffered(RoundPolicy):
         return added
 
     def in_flight_tickets(self) -> dict[int, tuple[Ticket, simpy.Process]]:
-        return getattr(self, "_running", {})
+        return self._running
