@@ -49,6 +49,10 @@ class RoundPolicy(ABC):
         original run did not have."""
         return 0
 
+    def _release(self, req: simpy.Event) -> Generator[simpy.Event, None, None]:
+        """An update that ended at the checkpoint instant gives its worker back, as it did."""
+        yield self.sim.ingress.resource.release(req)
+
     def in_flight_tickets(self) -> dict[int, tuple[Ticket, simpy.Process]]:
         """The restored updates still running, by serial."""
         return {}
@@ -197,6 +201,10 @@ class AsyncBuffered(RoundPolicy):
             doc = {k: getattr(tk, k) for k in self._TICKET}
             doc["upload"] = upload(tk.upload, f"flight/{i}")
             doc["ended"] = p.triggered  # ended, not yet taken out by the loop
+            # Ended this instant: its end is an event still to be processed (and counted) and,
+            # if it was served, its worker's release too (the queue behind it is served when
+            # that release is processed).
+            doc["unprocessed"] = p.triggered and not p.processed
             doc["value"] = (arrival(p.value, f"flight/{i}/value")
                             if p.triggered and p.value is not None else None)
             flights.append(doc)
@@ -217,7 +225,7 @@ class AsyncBuffered(RoundPolicy):
                        upload=up)
 
     def restore(self, state: dict[str, Any], tensors: dict[str, Any]) -> int:
-        sim, env, wl = self.sim, self.sim.env, self.sim.workload
+        sim, env, wl, ing = self.sim, self.sim.env, self.sim.workload, self.sim.ingress
         self.version, self.started = state["version"], state["started"]
         self.stats = dict(state["stats"])
         self.buffer = [self._arrival(a, tensors, f"buffer/{i}")
@@ -238,6 +246,10 @@ class AsyncBuffered(RoundPolicy):
             made[i] = (Ticket(**{k: doc[k] for k in self._TICKET}), env.event().succeed(value))
         for _ in ended:
             env.step()  # (the restore sets the event count afterwards)
+        unprocessed = [i for i in ended if state["in_flight"][i]["unprocessed"]]
+        added -= len(unprocessed)  # the original run processed (and counted) them after
+        holds = [ing.resource.request(priority=ing.UPDATE, preempt=False) for i in unprocessed
+                 if state["in_flight"][i]["phase"] == "service"]
         for i in order:
             if i in made:
                 continue
@@ -246,15 +258,21 @@ class AsyncBuffered(RoundPolicy):
             if doc["upload"] is not None:
                 tk.upload = wl.restore_upload(doc["upload"], tensors, f"flight/{i}")
             if doc["phase"] == "service" and not doc["ended"]:  # it holds its worker again
-                tk.request = sim.ingress.resource.request(priority=sim.ingress.UPDATE,
-                                                          preempt=False)
+                tk.request = ing.resource.request(priority=ing.UPDATE, preempt=False)
             ev = env.process(sim.client_update(tk, None, resumed=True))
             added += 1 if doc["phase"] != "service" else 2  # + the worker granted again
             made[i] = (tk, ev)
+        for req in holds:  # after the queued updates asked again: they get it when it lands
+            env.process(self._release(req))
+            added += 3  # the worker granted again, the process's start and its end
         self.in_flight = {made[i][1]: made[i][0] for i in range(len(made))}
         self._running = {tk.serial: (tk, ev) for tk, ev in made.values()
                          if isinstance(ev, simpy.Process)}
         return added
+
+    def _release(self, req: simpy.Event) -> Generator[simpy.Event, None, None]:
+        """An update that ended at the checkpoint instant gives its worker back, as it did."""
+        yield self.sim.ingress.resource.release(req)
 
     def in_flight_tickets(self) -> dict[int, tuple[Ticket, simpy.Process]]:
         return self._running

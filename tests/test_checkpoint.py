@@ -113,6 +113,23 @@ def test_async_run_resumes_identically_with_updates_in_flight(tmp_path):
     assert all(faults.values()), faults  # their timers were restored too
 
 
+def test_async_checkpoint_at_a_worker_release_resumes_identically(tmp_path):
+    """A checkpoint at the very instant an update's service ended: its worker's release is
+    still on the clock, and the update queued behind it starts only when that release is
+    processed (after what the policy does at that instant), as in the uninterrupted run."""
+    doc = SYNTHETIC.replace("rounds: 6", "rounds: 2").replace(
+        "clients:\n", "clients:\n  - {profile: mobile, count: 3000}\n").replace(
+        "name: deadline, deadline_s: 15, clients_per_round: 14",
+        "name: async, buffer_size: 100, concurrency: 300").replace(
+        "server_failure_per_h: 40, server_repair_s: 5", "server_failure_per_h: 0")
+    path = tmp_path / "s.yaml"
+    path.write_text(doc)
+    assert _resume_from_each(load(path), tmp_path) == 1
+    state = json.loads((checkpoint.latest(tmp_path / "full") / checkpoint.STATE).read_text())
+    assert any(f["unprocessed"] and f["phase"] == "service"
+               for f in state["policy"]["in_flight"])
+
+
 def test_async_real_run_resumes_identically(tmp_path):
     """Tiny real models: the uploads in flight (payload bytes, the adapter each trained from)
     and the adapters downloaded travel in the checkpoint."""
@@ -176,7 +193,7 @@ def _fedsim(*args, **kw):
 def test_kill_9_then_resume_ends_as_the_uninterrupted_run(tmp_path, policy):
     """A real subprocess, killed with SIGKILL at a random moment after its first checkpoint,
     then resumed with ``fedsim run FILE --resume DIR``."""
-    rounds = 16
+    rounds = 8 if policy == "async" else 16
     doc = SYNTHETIC.replace("rounds: 6", f"rounds: {rounds}").replace(
         "clients:\n", "clients:\n  - {profile: mobile, count: 3000}\n").replace(
         "clients_per_round: 14", "clients_per_round: 600")
@@ -184,7 +201,7 @@ def test_kill_9_then_resume_ends_as_the_uninterrupted_run(tmp_path, policy):
         doc = doc.replace("name: deadline, deadline_s: 15,", "name: sync,")
     if policy == "async":  # a checkpoint every aggregation; no server failures (see scenario)
         doc = doc.replace("name: deadline, deadline_s: 15, clients_per_round: 600",
-                          "name: async, buffer_size: 200, concurrency: 600").replace(
+                          "name: async, buffer_size: 100, concurrency: 300").replace(
             "server_failure_per_h: 40, server_repair_s: 5", "server_failure_per_h: 0")
     path = tmp_path / "s.yaml"
     path.write_text(doc)
