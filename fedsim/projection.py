@@ -60,7 +60,9 @@ _CACHE_FORMAT = 1  # bump when the cached maps' meaning changes
 
 
 class ModelLike(Protocol):
-    """What a projector reads: a ``LoadedModel``, a ``FamilyTrainer``, or a test stand-in."""
+    """What a projector reads: a ``LoadedModel``, a ``FamilyTrainer``, or a test stand-in.
+    One with a ``task`` (a :class:`fedsim.tasks.Task`) gets its whole-model inputs in the
+    task's shape (a multiple-choice head takes (batch, choices, tokens))."""
 
     model: nn.Module
     tokenizer: Any
@@ -417,6 +419,9 @@ def capture(obj: ModelLike, texts: Sequence[str], names: Sequence[str], max_leng
     runner = _runner(obj.model, with_head)
     accepted = inspect.signature(runner.forward).parameters
     inputs = {k: v for k, v in enc.items() if k in accepted or "kwargs" in accepted}
+    task = getattr(obj, "task", None)
+    if with_head and hasattr(task, "single_text_inputs"):  # the head's own input shape
+        inputs = task.single_text_inputs(inputs)
     modules = named_modules(obj.model)
     acts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

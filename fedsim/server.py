@@ -139,6 +139,7 @@ class ServerModel:
         self.trainer = FamilyTrainer(model_name, task, num_labels, cfg, seed, dataset)
         self.model, self.tokenizer, self.spec = (self.trainer.model, self.trainer.tokenizer,
                                                  self.trainer.spec)
+        self.task = self.trainer.task  # the head's input shape, for a projector's probe runs
         self.seed, self.max_length, self.batch_size = seed, max_length, batch_size
         self.projector_name, self.projector_options = projector, dict(projector_options or {})
         self.families: dict[str, ServerFamily] = {}

@@ -139,6 +139,11 @@ class Task(ABC):
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of a batch's logits against its targets."""
 
+    def single_text_inputs(self, batch: Batch) -> Batch:
+        """Model inputs for one plain text per example (a projection's probe texts, tokenized
+        (batch, tokens)) in the shape this task's whole model takes: as they are."""
+        return batch
+
     def vocab_positions(self, rows: Sequence[Row]) -> int:
         """Positions per row of a batch whose logits span the vocabulary (a causal LM's output
         layer, costed apart in FLOPs and memory); 0 where the head scores classes."""
@@ -232,6 +237,12 @@ class MultipleChoice(_Choosing):
 
     def num_choices(self, trainer: FamilyTrainer, examples: Sequence[Example]) -> int:
         return len(examples[0].choices or ())
+
+    def single_text_inputs(self, batch: Batch) -> Batch:
+        # (batch, tokens) -> (batch, 1, tokens): each text is one example's only choice (a
+        # multiple-choice head reads the choice axis from the input's second dimension)
+        return {k: v.unsqueeze(1) if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+                for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,6 +97,11 @@ def test_scenario_runs_with_its_test_overrides(path, tmp_path, capsys):
     assert result.summary["rounds_completed"] == scenario.rounds
     out = write_run_dir(result, tmp_path / "run")
     assert (out / "summary.json").is_file()
+    if path.stem in TABLE_1:  # the server's metric, every round, finite
+        quality = result.summary["quality"]
+        assert quality["metric"] == TABLE_1[path.stem][1]
+        assert len(quality["server_by_round"]) == scenario.rounds
+        assert all(math.isfinite(x) for x in quality["server_by_round"])
     golden = GOLDEN / f"{path.stem}.json"
     if golden.is_file():  # the refactorings of the architecture issue change no number
         assert_same_summary(result.summary, golden)
@@ -115,3 +120,23 @@ def test_overrides_parser(tmp_path):
     bad.write_text("# test: rounds=1\nname: x\n")
     with pytest.raises(ValueError, match="--set KEY=VALUE"):
         scenario_test_overrides(bad)
+
+
+# The evaluation tasks of the Jajoo proposal's Table 1 (offline stand-ins), one scenario each,
+# all through the server path (a server model fed by lstsq-projected task vectors); each is run
+# by test_scenario_runs_with_its_test_overrides, which checks the metric it reports.
+TABLE_1 = {"quickstart": ("classification", "accuracy"),  # topic (bbc-news)
+           "sentiment": ("classification", "accuracy"),  # binary (rotten-tomatoes, for Ethos)
+           "multiple-choice": ("multiple-choice", "accuracy"),  # wordnet-mc, for COPA
+           "generative": ("generation", "rougeL"),  # bbc-news headlines, for XL-Sum
+           "translation": ("generation", "chrf")}  # freedict-en-de, for FLORES / IN22
+
+
+@pytest.mark.parametrize("stem", sorted(TABLE_1))
+def test_table_1_scenario_goes_through_the_server_with_lstsq(stem):
+    path = ROOT / "scenarios" / f"{stem}.yaml"
+    for overrides in ([], required_overrides(path)):
+        scenario = load(path, overrides)
+        assert scenario.task.kind == TABLE_1[stem][0] and scenario.server.model is not None
+        assert scenario.transfer.name == "projection"
+        assert scenario.transfer.projector.name == "lstsq"

@@ -136,6 +136,28 @@ def test_the_server_head_starts_as_a_probe(setup):
     assert setup[3] > 0.6
 
 
+def test_multiple_choice_through_lstsq_into_the_server():
+    """A multiple-choice head takes (batch, choices, tokens): the lstsq fit runs the probe texts
+    through both heads as one-choice questions, the head's map is fitted, and a projected
+    update changes the server's head and scored choices."""
+    data = load_dataset("wordnet-mc", "multiple-choice")
+    server = ServerModel("tiny-mpnet", "multiple-choice", None, seed=0, max_length=32,
+                         projector_options={"use_cache": False, "max_length": 32})
+    trainer = FamilyTrainer("tiny-bert", "multiple-choice", None, CFG, seed=0)
+    projector = server.add_family("tiny-bert", trainer, roles=CFG.target_roles,
+                                  lora_scale=CFG.lora_alpha / CFG.lora_r,
+                                  probe_texts=[e.text for e in data.train[:12]])
+    assert HEAD in {p.role for p in projector.pairs}  # the choice scorer is paired too
+    start, delta = client_update(trainer, data, 0)
+    projected = server.project("tiny-bert", start, delta)
+    assert projected["classifier.weight"].shape == (1, 64)
+    before = server.evaluate(data.test[:16])
+    server.apply([ClientResult(0, projected, num_samples=8, quality=0.1)],
+                 make_aggregator(TaskArithmeticConfig()))
+    after = server.evaluate(data.test[:16])
+    assert after["loss"] != before["loss"] and 0.0 <= after["accuracy"] <= 1.0
+
+
 def test_unknown_family_is_an_error(setup):
     server, trainers, _, _ = setup
     adapter = trainers["tiny-bert"].initial_adapter()
