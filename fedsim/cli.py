@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
                      "--resume directory)")
     run.add_argument("--resume", metavar="DIR", help="continue the interrupted run whose "
                      "directory is DIR from its last checkpoint (output.checkpoint_every)")
+    run.add_argument("--seeds", type=int, metavar="N", help="run seeds 0..N-1 (replacing "
+                     "`seed`), one run directory <out>/seed=K each, and report mean, std and "
+                     "95%% interval per metric (sweep.csv, sweep_summary.csv); rerunning keeps "
+                     "the seeds already finished")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
     val = sub.add_parser("validate", help="check a scenario; exit 0 if valid, 2 if not")
@@ -38,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                         "resumable (rerun the same command). Exit 0 if every point ran, 1 if "
                         "some failed, 2 for bad input.")
     sw.add_argument("scenario", help="scenario YAML file")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a scenario key at every point, before the point's own "
+                    "values (repeatable; a key may not be both set and swept)")
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                     help="sweep a key over values (cartesian product with other --grid flags; "
                     "values as for --set, commas inside [..] kept); repeatable")
@@ -45,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="keys that vary together (all --zip keys need the same number of "
                     "values); repeatable")
     sw.add_argument("--seeds", type=int, help="run seeds 0..N-1 at each point "
-                    "(default: the scenario's seed)")
+                    "(default: the scenario's seed); sweep_summary.csv gives mean, std and "
+                    "95%% interval over them per grid point")
     sw.add_argument("--workers", type=int, default=1,
                     help="points run in parallel processes (default 1: in this process)")
     sw.add_argument("--out", help="sweep directory (default: sweeps/<name>)")
@@ -119,6 +127,67 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+# Headline metrics of a run repeated over seeds: (sweep.csv column, label, format).
+SEED_METRICS = (("sim_time_s", "simulated time (s)", "{:.1f}"),
+                ("rounds_completed", "rounds completed", "{:.1f}"),
+                ("latency_s.round.p95", "round p95 (s)", "{:.3f}"),
+                ("latency_s.upload.p95", "upload p95 (s)", "{:.3f}"),
+                ("overload.deadline_misses", "deadline misses", "{:.1f}"),
+                ("overload.dropped_updates", "dropped updates", "{:.1f}"),
+                ("utilization.uplink", "uplink utilization", "{:.1%}"),
+                ("comm.bytes_up", "bytes up", "{:,.0f}"),
+                ("quality.final", "final server metric", "{:.4f}"))
+
+
+def format_seeds_summary(name: str, rows: list[dict[str, Any]], out: Path) -> str:
+    """The one-screen summary of ``fedsim run --seeds``: mean ± 95% half-width per metric."""
+    from fedsim.intervals import Interval
+    from fedsim.sweep import SUMMARY_CSV, SWEEP_CSV, summarize
+
+    (group,) = summarize(rows, [])
+    ok = group["points"] - group["failed"]
+    seeds = [r["seed"] for r in rows]
+    lines = [f"run {name} over seeds {', '.join(seeds)}: mean ± 95% half-width "
+             f"(Student t, n={ok}" + (f" ok of {group['points']})" if group["failed"] else ")")]
+    for key, label, fmt in SEED_METRICS:
+        iv = Interval.from_columns(group, key)
+        if iv.n:
+            lines.append(f"  {label:<22} {iv.text(fmt)}")
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"  seed {r['seed']} failed: {r['error']}")
+    runs = [r["run"] for r in rows]
+    shown = ", ".join(runs) if len(runs) <= 3 else f"{runs[0]} ... {runs[-1]}"
+    lines.append(f"results in       {out}/ ({shown}; {SWEEP_CSV}: "
+                 f"one row per seed; {SUMMARY_CSV}: mean, std, 95% interval per metric)")
+    return "\n".join(lines)
+
+
+def _study(out: Path, call: Any) -> list[dict[str, Any]] | int:
+    """Run a sweep-like study; an exit code instead of its rows when the user stopped it."""
+    from fedsim.sweep import SWEEP_CSV
+
+    try:
+        return call()
+    except BrokenPipeError:  # `fedsim ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"fedsim: interrupted; finished points are in {out / SWEEP_CSV}; rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
+
+
+def _seed_overrides(overrides: list[str], seeds: int | None) -> None:
+    """``--seeds`` replaces ``seed``: both given is a user error, as a bad count is."""
+    if seeds is None:
+        return
+    if seeds < 1:
+        raise FedsimError(f"--seeds must be >= 1, got {seeds}")
+    if any(o.partition("=")[0].strip() == "seed" for o in overrides):
+        raise FedsimError("seed: given by --set and by --seeds; give one of them")
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from fedsim.scenario import load
 
@@ -137,6 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.scenario import load
 
     sc = load(args.scenario, args.overrides)
+    if args.seeds is not None:
+        return _run_seeds(args, sc)
     if args.out:
         out = Path(args.out)
     else:
@@ -154,28 +225,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_seeds(args: argparse.Namespace, sc: Any) -> int:
+    """``fedsim run --seeds N``: a sweep over seeds alone (same directory layout and files)."""
+    from fedsim.sweep import run_sweep
+
+    if args.resume:
+        raise FedsimError("--resume: not with --seeds; rerun the same command instead (seeds "
+                          "already finished with the same resolved scenario are kept)")
+    _seed_overrides(args.overrides, args.seeds)
+    out = Path(args.out) if args.out else Path(sc.output.dir) / sc.name
+    rows = _study(out, lambda: run_sweep(args.scenario, {}, None, args.seeds, 1, out,
+                                         progress=not args.quiet, overrides=args.overrides))
+    if isinstance(rows, int):
+        return rows
+    if not args.quiet:
+        print(format_seeds_summary(sc.name, rows, out))
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed and args.quiet:
+        for r in failed:
+            print(f"fedsim: seed {r['seed']} failed: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fedsim.scenario import load
-    from fedsim.sweep import SWEEP_CSV, format_table, parse_assignments, run_sweep
+    from fedsim.sweep import SUMMARY_CSV, SWEEP_CSV, format_table, parse_assignments, run_sweep
 
     grid = parse_assignments(args.grid, "--grid")
     zip_ = parse_assignments(args.zip_, "--zip")
     if not grid and not zip_ and args.seeds is None:
         raise FedsimError("nothing to sweep: give --grid, --zip or --seeds")
-    out = Path(args.out) if args.out else Path("sweeps") / load(args.scenario).name
-    try:
-        rows = run_sweep(args.scenario, grid, zip_, args.seeds, args.workers, out,
-                         progress=not args.quiet)
-    except BrokenPipeError:  # `fedsim ... | head`: the reader left; not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except KeyboardInterrupt:
-        print(f"fedsim: interrupted; finished points are in {out / SWEEP_CSV}; rerun the same "
-              "command to resume", file=sys.stderr)
-        return 130
+    out = (Path(args.out) if args.out else
+           Path("sweeps") / load(args.scenario, args.overrides).name)
+    rows = _study(out, lambda: run_sweep(args.scenario, grid, zip_, args.seeds, args.workers,
+                                         out, progress=not args.quiet,
+                                         overrides=args.overrides))
+    if isinstance(rows, int):
+        return rows
     if not args.quiet:
         print(format_table(rows, [*grid, *zip_]))
-        print(f"results in       {out}/ ({SWEEP_CSV}, one run directory per point)")
+        print(f"results in       {out}/ ({SWEEP_CSV}, {SUMMARY_CSV}, one run directory per "
+              "point)")
     failed = [r for r in rows if r["status"] != "ok"]
     if failed and args.quiet:
         for r in failed:

@@ -3,22 +3,31 @@
 A sweep is the cartesian product of every ``--grid key=v1,v2`` (values read as YAML scalars,
 exactly like ``--set``), times one ``--zip`` group (keys whose values vary together), times seeds
 ``0..N-1`` (``--seeds N`` replaces ``seed``; without it the scenario's own seed). Each point is a
-list of ``--set`` overrides applied by ``fedsim.scenario.load``.
+list of ``--set`` overrides applied by ``fedsim.scenario.load``: the sweep's fixed ``--set``
+overrides first (the same at every point, so a point's switch of plug-in can rely on them), then
+the point's own values. A key both fixed and swept (or ``seed`` fixed beside ``--seeds``) is a
+user error: one of the two would be silently dead.
 
 The sweep directory holds one run directory per point, named from its overrides
-(``network.cells.0.uplink_bandwidth_hz=5e6__seed=1``), ``sweep.json`` (the sweep's definition)
-and ``sweep.csv``: one row per point with the swept values, ``seed``, ``run``, ``status``
+(``network.cells.0.uplink_bandwidth_hz=5e6__seed=1``; the fixed overrides are not in the
+name), ``sweep.json`` (the sweep's definition: scenario, ``set``, grid, zip, seeds, points),
+``sweep.csv``: one row per point with the swept values, ``seed``, ``run``, ``status``
 (ok/failed), ``error`` and the numeric summary flattened to dotted names
-(``latency_s.round.p95``, ``overload.deadline_misses``, ``quality.final``...). ``sweep.csv`` is
+(``latency_s.round.p95``, ``overload.deadline_misses``, ``quality.final``...), and
+``sweep_summary.csv``: one row per grid point with the seeds collapsed, its swept values but
+``seed``, ``points`` and ``failed`` (how many of its runs there are and how many failed), and per
+numeric metric ``m`` of the ok runs ``m`` (the mean), ``m.std``, ``m.ci95_low``, ``m.ci95_high``
+and ``m.n`` (``fedsim.intervals``: Student t, 95%, ddof=1; NaN spread for one seed). Both are
 rewritten atomically after every point, so an interrupted sweep keeps what finished.
 
 Resuming is rerunning the same command: a point whose run directory holds ``summary.json`` (run
 directories are written atomically, so that means complete) and the same resolved scenario is
-not run again. Every point is validated before anything runs: a swept key that does not exist,
-an unknown plug-in name or a bad option at any point is a user error listing each such point
-(finding it in milliseconds beats finding it hours into a sweep). A point whose run raises is a
-failed row (its message in ``error``, and with the traceback in ``failed/<point>.txt``); the
-other points complete.
+not run again; a changed scenario file or changed ``--set`` changes the resolved scenario, so
+those points run again rather than being reused. Every point is validated before anything runs:
+a swept key that does not exist, an unknown plug-in name or a bad option at any point is a user
+error listing each such point (finding it in milliseconds beats finding it hours into a sweep).
+A point whose run raises is a failed row (its message in ``error``, and with the traceback in
+``failed/<point>.txt``); the other points complete.
 
 Points run in a ``ProcessPoolExecutor`` (``--workers``; 1 runs them in this process), or, when
 the scenario names ``executor.name: ray``, as Ray tasks (one CPU each) on the cluster at
@@ -51,9 +60,11 @@ import yaml
 
 from fedsim.atomic import atomic_file
 from fedsim.errors import FedsimError
-from fedsim.scenario import ScenarioError, apply_override, load
+from fedsim.intervals import Interval, t_interval
+from fedsim.scenario import MOVED, ScenarioError, apply_override, apply_overrides, load
 
 SWEEP_CSV = "sweep.csv"
+SUMMARY_CSV = "sweep_summary.csv"
 SWEEP_JSON = "sweep.json"
 FAILED_DIR = "failed"
 MAX_NAME_CHARS = 120  # run directory names stay well under the 255-byte filename limit
@@ -69,15 +80,17 @@ HEADLINE = (("latency_s.round.p95", "round p95 (s)", "{:.3f}"),
 
 @dataclass(frozen=True)
 class Point:
-    """One run of a sweep: ``values`` are (key, override text) pairs, ``seed`` last."""
+    """One run of a sweep: ``values`` are (key, override text) pairs, ``seed`` last;
+    ``fixed`` the sweep's own ``--set`` overrides, applied before them."""
 
     index: int
     values: tuple[tuple[str, str], ...]
     name: str
+    fixed: tuple[str, ...] = ()
 
     @property
     def overrides(self) -> list[str]:
-        return [f"{k}={v}" for k, v in self.values]
+        return [*self.fixed, *(f"{k}={v}" for k, v in self.values)]
 
 
 def value_text(value: Any) -> str:
@@ -158,8 +171,10 @@ def _texts(name: str, spec: dict[str, Sequence[Any]] | None) -> dict[str, list[s
 
 
 def expand_points(grid: dict[str, Sequence[Any]], zip_: dict[str, Sequence[Any]] | None = None,
-                  seeds: int | None = None, base_seed: int = 0) -> list[Point]:
-    """Every point of the sweep, in a fixed order: grid (first key slowest), zip, then seed."""
+                  seeds: int | None = None, base_seed: int = 0,
+                  fixed: Sequence[str] = ()) -> list[Point]:
+    """Every point of the sweep, in a fixed order: grid (first key slowest), zip, then seed;
+    ``fixed``: ``--set`` overrides of every point (refused for a key that is also swept)."""
     g, z = _texts("--grid", grid), _texts("--zip", zip_)
     both = sorted(set(g) & set(z))
     if both:
@@ -169,6 +184,7 @@ def expand_points(grid: dict[str, Sequence[Any]], zip_: dict[str, Sequence[Any]]
     swept_seed = "seed" in g or "seed" in z
     if swept_seed and seeds is not None:
         raise FedsimError("seed: swept by --grid/--zip and by --seeds; give one of them")
+    _check_fixed(fixed, [*g, *z], seeds)
     lengths = {k: len(v) for k, v in z.items()}
     if len(set(lengths.values())) > 1:
         shown = ", ".join(f"{k} has {n}" for k, n in lengths.items())
@@ -186,8 +202,19 @@ def expand_points(grid: dict[str, Sequence[Any]], zip_: dict[str, Sequence[Any]]
                 if seed is not None:
                     values.append(("seed", seed))
                 values_t = tuple(values)
-                points.append(Point(len(points), values_t, point_name(values_t)))
+                points.append(Point(len(points), values_t, point_name(values_t), tuple(fixed)))
     return points
+
+
+def _check_fixed(fixed: Sequence[str], swept: Sequence[str], seeds: int | None) -> None:
+    """A key given by ``--set`` and also swept is refused: the swept values would hide it."""
+    keys = {MOVED.get(k, k) for k in (a.partition("=")[0].strip() for a in fixed)}
+    errors = [f"{k}: given by --set and swept by --grid/--zip; give one of them"
+              for k in swept if MOVED.get(k, k) in keys]
+    if seeds is not None and "seed" in keys:
+        errors.append("seed: given by --set and by --seeds; give one of them")
+    if errors:
+        raise FedsimError("\n".join(errors))
 
 
 # --- one point --------------------------------------------------------------------------------
@@ -270,6 +297,58 @@ def write_sweep_csv(path: Path, rows: Sequence[dict[str, Any]], swept: Sequence[
     _atomic_write(path, buf.getvalue())
 
 
+def _number(v: Any) -> float | None:
+    """A metric value as a float: numbers as they are, csv text parsed; else None."""
+    if isinstance(v, bool) or v is None or v == "":
+        return None
+    if isinstance(v, int | float):
+        return float(v)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def summarize(rows: Sequence[dict[str, Any]], swept: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of sweep_summary.csv: one per grid point, seeds collapsed (module docstring).
+
+    Grid points keep their order of first appearance; a metric is every column that is not a
+    swept key or one of FIXED_COLUMNS and holds a number in some ok row. Works on the rows of
+    ``run_sweep`` (numbers) and on those read back from sweep.csv (text) alike.
+    """
+    keys = [k for k in swept if k != "seed"]
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r.get(k, "")) for k in keys), []).append(r)
+    ok_rows = [r for r in rows if r.get("status") == "ok"]
+    skip = {*swept, *FIXED_COLUMNS}
+    metrics = [c for c in dict.fromkeys(c for r in ok_rows for c in r)
+               if c not in skip and any(_number(r.get(c)) is not None for r in ok_rows)]
+    out = []
+    for values, members in groups.items():
+        ok = [r for r in members if r.get("status") == "ok"]
+        row: dict[str, Any] = dict(zip(keys, values, strict=True))
+        row.update(points=len(members), failed=len(members) - len(ok))
+        for m in metrics:
+            row.update(t_interval(x for r in ok if (x := _number(r.get(m))) is not None
+                                  ).columns(m))
+        out.append(row)
+    return out
+
+
+def write_summary_csv(path: Path, rows: Sequence[dict[str, Any]], swept: Sequence[str]) -> None:
+    summary = summarize(rows, swept)
+    keys = [k for k in swept if k != "seed"]
+    cols = dict.fromkeys([*keys, "points", "failed"])
+    for row in summary:
+        cols.update(dict.fromkeys(row))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(cols), lineterminator="\n")
+    w.writeheader()
+    w.writerows(summary)
+    _atomic_write(path, buf.getvalue())
+
+
 def read_sweep_csv(sweep_dir: str | Path) -> list[dict[str, str]]:
     path = Path(sweep_dir) / SWEEP_CSV
     with path.open(encoding="utf-8", newline="") as f:
@@ -286,9 +365,12 @@ def _clean_leftovers(out: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
-def _check_keys(scenario_path: Path, flag: str, spec: dict[str, list[str]]) -> None:
-    """A swept key that does not exist (or a list index out of range) is a user error."""
+def _check_keys(scenario_path: Path, flag: str, spec: dict[str, list[str]],
+                fixed: Sequence[str] = ()) -> None:
+    """A swept key that does not exist (or a list index out of range) is a user error; the
+    fixed overrides apply first, as they do at every point."""
     doc = yaml.safe_load(scenario_path.read_text(encoding="utf-8"))
+    apply_overrides(doc, list(fixed))
     errors = []
     for key, values in spec.items():
         for text in values:
@@ -355,23 +437,26 @@ def _note_failure(out: Path, point: Point, outcome: dict[str, Any]) -> None:
 def run_sweep(scenario_path: str | Path, grid: dict[str, Sequence[Any]],
               zip_: dict[str, Sequence[Any]] | None = None, seeds: int | None = None,
               workers: int = 1, out: str | Path | None = None,
-              progress: bool = True) -> list[dict[str, Any]]:
+              progress: bool = True, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Run every point not already finished; return the rows of sweep.csv (in point order).
 
+    ``overrides``: ``--set`` assignments applied at every point before its own values.
     Swept values in the rows are their override text (``'5e6'``); metrics are numbers.
-    Raises FedsimError for bad input (an invalid base scenario, a swept key that does not
-    exist, mismatched --zip lengths) before running anything.
+    Raises FedsimError for bad input (an invalid base scenario or fixed override, a swept key
+    that does not exist, a key both fixed and swept, mismatched --zip lengths) before running
+    anything or creating the sweep directory.
     """
     from tqdm import tqdm
 
     path = Path(scenario_path)
-    base = load(path)
+    fixed = list(overrides)
+    base = load(path, fixed)
     if workers < 1:
         raise FedsimError(f"--workers must be >= 1, got {workers}")
-    points = expand_points(grid, zip_, seeds, base.seed)
+    points = expand_points(grid, zip_, seeds, base.seed, fixed)
     g, z = _texts("--grid", grid), _texts("--zip", zip_)
-    _check_keys(path, "--grid", g)
-    _check_keys(path, "--zip", z)
+    _check_keys(path, "--grid", g, fixed)
+    _check_keys(path, "--zip", z, fixed)
     _check_points(path, points)
     swept = [*g, *z]
     sweep_dir = Path(out) if out is not None else Path("sweeps") / base.name
@@ -380,7 +465,7 @@ def run_sweep(scenario_path: str | Path, grid: dict[str, Sequence[Any]],
     except OSError as e:
         raise FedsimError(f"--out: cannot create {sweep_dir}: {e}") from None
     _clean_leftovers(sweep_dir)
-    definition = {"scenario": str(path), "grid": g, "zip": z, "seeds": seeds,
+    definition = {"scenario": str(path), "set": fixed, "grid": g, "zip": z, "seeds": seeds,
                   "points": len(points)}
     _atomic_write(sweep_dir / SWEEP_JSON, json.dumps(definition, indent=2) + "\n")
 
@@ -394,10 +479,15 @@ def run_sweep(scenario_path: str | Path, grid: dict[str, Sequence[Any]],
             rows[p.index] = _row(p, {"status": "ok", "summary": summary})
     csv_path = sweep_dir / SWEEP_CSV
 
+    def write() -> None:
+        finished = [r for r in rows if r is not None]
+        write_sweep_csv(csv_path, finished, swept)
+        write_summary_csv(sweep_dir / SUMMARY_CSV, finished, swept)
+
     def done(point: Point, outcome: dict[str, Any]) -> None:
         rows[point.index] = _row(point, outcome)
         _note_failure(sweep_dir, point, outcome)
-        write_sweep_csv(csv_path, [r for r in rows if r is not None], swept)
+        write()
         bar.update(1)
         failed = sum(1 for r in rows if r is not None and r["status"] != "ok")
         if failed:
@@ -406,7 +496,7 @@ def run_sweep(scenario_path: str | Path, grid: dict[str, Sequence[Any]],
     bar = tqdm(total=len(points), initial=len(points) - len(todo), unit="point",
                desc=base.name, file=sys.stderr, disable=not progress or None)
     try:
-        write_sweep_csv(csv_path, [r for r in rows if r is not None], swept)
+        write()
         if base.executor.runs_sweep_points and todo:
             _run_ray(path, sweep_dir, todo, workers, base.executor, done)
         elif workers == 1 or len(todo) <= 1:
@@ -490,30 +580,48 @@ def _short_names(keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def format_table(rows: Sequence[dict[str, Any]], swept: Sequence[str], max_rows: int = 40) -> str:
-    """One screen: each point's swept values, status and headline metrics; then the failures."""
-    metrics = [(k, label, fmt) for k, label, fmt in HEADLINE
-               if any(r.get(k) not in (None, "") for r in rows)]
-    keys = list(dict.fromkeys([*swept, "seed"]))
-    short = _short_names(keys)
-    header = [short[k] for k in keys] + ["status"] + [m[1] for m in metrics]
-
-    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
-        v = row.get(key)
-        try:
-            return fmt.format(float(v))
-        except (TypeError, ValueError):
-            return "-"
-
-    shown = rows if len(rows) <= max_rows else rows[: max_rows - 10]
-    body = [[str(r.get(k, "")) for k in keys] + [r["status"]]
-            + [cell(r, k, fmt) for k, _, fmt in metrics] for r in shown]
+def _grid(header: list[str], body: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
               for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
-    if len(shown) < len(rows):
-        lines.append(f"... {len(rows) - len(shown)} more points in {SWEEP_CSV}")
+    return lines
+
+
+def _cell(v: Any, fmt: str) -> str:
+    x = _number(v)
+    return "-" if x is None else fmt.format(x)
+
+
+def format_table(rows: Sequence[dict[str, Any]], swept: Sequence[str], max_rows: int = 40) -> str:
+    """One screen: the headline metrics, then the failures.
+
+    When a grid point has several runs (seeds), one line per grid point with each metric as
+    ``mean ± half-width`` of its 95% t-interval and ``n`` the ok runs of the point's runs;
+    otherwise one line per point with its swept values and status.
+    """
+    metrics = [(k, label, fmt) for k, label, fmt in HEADLINE
+               if any(r.get(k) not in (None, "") for r in rows)]
+    summary = summarize(rows, swept)
+    repeated = any(g["points"] > 1 for g in summary)
+    keys = [k for k in swept if k != "seed"] if repeated else list(dict.fromkeys([*swept, "seed"]))
+    short = _short_names(keys)
+    if repeated:
+        header = [short[k] for k in keys] + ["n"] + [m[1] for m in metrics]
+        shown = summary if len(summary) <= max_rows else summary[: max_rows - 10]
+        body = [[str(g[k]) for k in keys] + [_n_cell(g)]
+                + [Interval.from_columns(g, k).text(fmt) for k, _, fmt in metrics] for g in shown]
+        lines = _grid(header, body)
+        if len(shown) < len(summary):
+            lines.append(f"... {len(summary) - len(shown)} more grid points in {SUMMARY_CSV}")
+    else:
+        header = [short[k] for k in keys] + ["status"] + [m[1] for m in metrics]
+        shown = rows if len(rows) <= max_rows else rows[: max_rows - 10]
+        body = [[str(r.get(k, "")) for k in keys] + [r["status"]]
+                + [_cell(r.get(k), fmt) for k, _, fmt in metrics] for r in shown]
+        lines = _grid(header, body)
+        if len(shown) < len(rows):
+            lines.append(f"... {len(rows) - len(shown)} more points in {SWEEP_CSV}")
     failed = [r for r in rows if r["status"] != "ok"]
     lines.append(f"{len(rows) - len(failed)} of {len(rows)} points ok"
                  + (f", {len(failed)} failed:" if failed else ""))
@@ -522,4 +630,12 @@ def format_table(rows: Sequence[dict[str, Any]], swept: Sequence[str], max_rows:
         lines.append(f"  {r['run']}: {err}")
     if len(failed) > 20:
         lines.append(f"  ... {len(failed) - 20} more failures in {SWEEP_CSV}")
+    if repeated:
+        lines.append("cells: mean ± 95% half-width over seeds (Student t); n: ok runs of the "
+                     f"grid point (of all where some failed); in {SUMMARY_CSV}")
     return "\n".join(lines)
+
+
+def _n_cell(group: dict[str, Any]) -> str:
+    ok = group["points"] - group["failed"]
+    return str(ok) if not group["failed"] else f"{ok}/{group['points']}"

@@ -258,3 +258,116 @@ def test_a_ray_scenario_runs_its_points_as_ray_tasks(scenario, tmp_path):
     again = run_sweep(scenario, GRID, workers=2, out=tmp_path / "ray", progress=False)
     assert again == on_ray
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
+
+
+# --- fixed overrides (--set) ------------------------------------------------------------------
+
+
+def test_set_applies_to_every_point_is_recorded_and_a_changed_set_reruns(scenario, tmp_path,
+                                                                         counted):
+    import json
+
+    out = tmp_path / "sweep"
+    rows = run_sweep(scenario, {BW: ["5e6", "2e7"]}, seeds=2, out=out, progress=False,
+                     overrides=["rounds=1", "clients.1.count=1"])
+    assert len(counted) == 4 and all(r["status"] == "ok" for r in rows)
+    assert all(r["rounds_completed"] == 1 for r in rows)
+    for r in rows:  # the name is the point's own values; the resolved scenario has the --set
+        assert r["run"].startswith(f"{BW}=") and "rounds" not in r["run"]
+        resolved = (out / r["run"] / "scenario.yaml").read_text()
+        assert "rounds: 1\n" in resolved and "count: 1\n" in resolved
+    assert json.loads((out / "sweep.json").read_text())["set"] == ["rounds=1",
+                                                                   "clients.1.count=1"]
+    # The same --set: nothing reruns. A different --set: no finished point is reused.
+    counted.clear()
+    run_sweep(scenario, {BW: ["5e6", "2e7"]}, seeds=2, out=out, progress=False,
+              overrides=["rounds=1", "clients.1.count=1"])
+    assert counted == []
+    again = run_sweep(scenario, {BW: ["5e6", "2e7"]}, seeds=2, out=out, progress=False,
+                      overrides=["clients.1.count=1"])
+    assert len(counted) == 4
+    assert all(r["rounds_completed"] == 2 for r in again)
+    assert json.loads((out / "sweep.json").read_text())["set"] == ["clients.1.count=1"]
+
+
+def test_set_comes_before_the_points_values(scenario, tmp_path):
+    """A fixed plug-in switch makes the swept option valid at every point."""
+    rows = run_sweep(scenario, {"aggregation.trim_ratio": [0.1, 0.2]}, out=tmp_path / "s",
+                     progress=False, overrides=["aggregation.name=trimmed-mean"])
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert "trim_ratio: 0.2" in (tmp_path / "s" / rows[1]["run"] / "scenario.yaml").read_text()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--set", "clients.0.wings=1"], "clients.0.wings: no such key"),
+    (["--set", f"{BW}=-1"], f"{BW}: Input should be greater than 0"),
+    (["--set", "compression.codec=zstd-magic"], "compression.codec: unknown codec 'zstd-magic'"),
+    (["--set", "clients.0.count=3"], "clients.0.count: given by --set and swept"),
+    (["--set", "seed=3", "--seeds", "2"], "seed: given by --set and by --seeds"),
+    (["--set", "compression.codec=qsgd", "--grid", "compression.bits=4,3"],
+     "compression.bits=3"),  # valid alone, invalid at one point with the --set
+])
+def test_an_invalid_set_exits_2_before_anything_is_written(scenario, tmp_path, args, expected):
+    out = tmp_path / "sweep"
+    r = fedsim("sweep", scenario, *args, "--grid", "clients.0.count=1,2", "--out", out)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert expected in r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    assert not out.exists()
+
+
+# --- intervals over seeds (sweep_summary.csv) --------------------------------------------------
+
+T975_DF2 = 4.3027  # Student t(0.975, 2) from a printed table
+
+
+def hand_interval(values):
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return mean, std, mean - T975_DF2 * std / n**0.5, mean + T975_DF2 * std / n**0.5
+
+
+def test_sweep_summary_has_one_row_per_grid_point_with_the_t_interval(scenario, tmp_path):
+    out = tmp_path / "sweep"
+    rows = run_sweep(scenario, {BW: ["5e6", "2e7"]}, seeds=3, out=out, progress=False)
+    per_seed = read_csv(out / "sweep.csv")
+    summary = read_csv(out / "sweep_summary.csv")
+    assert len(per_seed) == 6 and len(summary) == 2
+    assert list(summary[0])[:3] == [BW, "points", "failed"] and "seed" not in summary[0]
+    for s in summary:
+        assert (s["points"], s["failed"]) == ("3", "0")
+        mine = [float(r["latency_s.round.p95"]) for r in per_seed if r[BW] == s[BW]]
+        assert len(set(mine)) > 1  # the seeds differ here, so the interval has width
+        mean, std, low, high = hand_interval(mine)
+        assert float(s["latency_s.round.p95"]) == pytest.approx(mean, rel=1e-12)
+        assert float(s["latency_s.round.p95.std"]) == pytest.approx(std, rel=1e-9)
+        assert float(s["latency_s.round.p95.ci95_low"]) == pytest.approx(low, rel=1e-4)
+        assert float(s["latency_s.round.p95.ci95_high"]) == pytest.approx(high, rel=1e-4)
+        assert s["latency_s.round.p95.n"] == "3"
+        # every seed completes both rounds: zero width, at the value
+        assert [s[f"rounds_completed{x}"] for x in ("", ".std", ".ci95_low", ".ci95_high")] \
+            == ["2.0", "0.0", "2.0", "2.0"]
+    table = sweep_mod.format_table(rows, [BW])
+    assert "±" in table and "mean ± 95% half-width" in table
+    assert len([ln for ln in table.splitlines() if ln.startswith(("5e6", "2e7"))]) == 2
+
+
+def test_one_seed_per_point_summary_is_the_value_with_nan_spread(scenario, tmp_path):
+    out = tmp_path / "sweep"
+    rows = run_sweep(scenario, {BW: ["5e6", "2e7"]}, out=out, progress=False)
+    summary = read_csv(out / "sweep_summary.csv")
+    per_point = read_csv(out / "sweep.csv")
+    for s, r in zip(summary, per_point, strict=True):
+        assert s["sim_time_s"] == r["sim_time_s"] and s["sim_time_s.n"] == "1"
+        assert s["sim_time_s.std"] == s["sim_time_s.ci95_low"] == "nan"
+    assert "±" not in sweep_mod.format_table(rows, [BW])
+
+
+def test_a_failed_seed_is_counted_and_left_out_of_the_interval():
+    rows = [{BW: "1", "seed": "0", "run": "a", "status": "ok", "m": 1.0},
+            {BW: "1", "seed": "1", "run": "b", "status": "failed", "error": "boom"},
+            {BW: "1", "seed": "2", "run": "c", "status": "ok", "m": 3.0}]
+    (s,) = sweep_mod.summarize(rows, [BW, "seed"])
+    assert (s["points"], s["failed"], s["m"], s["m.n"]) == (3, 1, 2.0, 2)
+    assert "2/3" in sweep_mod.format_table(rows, [BW])
