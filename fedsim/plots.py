@@ -35,6 +35,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 from fedsim.atomic import atomic_file
 from fedsim.devices import PROFILES
 from fedsim.errors import FedsimError
+from fedsim.intervals import Interval, t_interval
 
 LIFE = ("download", "compute", "upload", "queue", "server")  # phases in the order they happen
 PHASE_COLORS = {"download": "#4C72B0", "compute": "#DD8452", "upload": "#55A868",
@@ -604,25 +605,43 @@ def _engformat(key: str) -> EngFormatter | None:
     return EngFormatter(sep="") if last.endswith(("_hz", "_bps")) or "bytes" in last else None
 
 
+def _sweep_rows(d: Path, *keys: str | None) -> list[dict[str, str]]:
+    rows = _read_csv(d / "sweep.csv", ("status",))
+    cols = list(rows[0]) if rows else []
+    for k in keys:
+        if k is not None and k not in cols:
+            raise FedsimError(f"{k}: not a column of {d / 'sweep.csv'}")
+    return rows
+
+
+def sweep_series(sweep_dir: str | Path, metric: str, x_key: str,
+                 line_key: str | None = None) -> dict[str, dict[str, Interval]]:
+    """What ``sweep_metric`` draws: per value of ``line_key`` (``""`` without one), per value of
+    ``x_key`` (override text), the interval of ``metric`` over the ok runs there."""
+    rows = _sweep_rows(Path(sweep_dir), metric, x_key, line_key)
+    groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["status"] == "ok" and r.get(metric) not in (None, ""):
+            groups[r[line_key] if line_key else ""][r[x_key]].append(float(r[metric]))
+    return {lt: {xt: t_interval(v) for xt, v in g.items()} for lt, g in groups.items()}
+
+
 def sweep_metric(sweep_dir: str | Path, metric: str, x_key: str,
                  line_key: str | None = None) -> Path | None:
     """``metric`` against swept ``x_key``, one line per value of ``line_key``.
 
-    Each point is the mean over seeds (and over any other swept key), with min-max error bars.
-    Failed points are left out. Returns None when no point has the metric.
+    Each point is the mean over seeds (and over any other swept key, which the title names),
+    with error bars of its 95% t-interval (``fedsim.intervals``; none for a single run).
+    With the seed itself as the x axis (a sweep of seeds alone, ``fedsim run --seeds``), a
+    dotted line and a band show the mean and 95% interval over all seeds. Failed points are
+    left out. Returns None when no point has the metric.
     """
     d = Path(sweep_dir)
-    rows = _read_csv(d / "sweep.csv", ("status",))
-    cols = list(rows[0]) if rows else []
-    for k in (metric, x_key, line_key):
-        if k is not None and k not in cols:
-            raise FedsimError(f"{k}: not a column of {d / 'sweep.csv'}")
-    ok = [r for r in rows if r["status"] == "ok" and r.get(metric) not in (None, "")]
-    if not ok:
+    rows = _sweep_rows(d, metric, x_key, line_key)
+    groups = sweep_series(d, metric, x_key, line_key)
+    if not groups:
         return None
-    groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in ok:
-        groups[r[line_key] if line_key else ""][r[x_key]].append(float(r[metric]))
+    ok = [r for r in rows if r["status"] == "ok" and r.get(metric) not in (None, "")]
     x_texts = list(dict.fromkeys(r[x_key] for r in rows))
     x_num = _floats(x_texts)
     if x_num is not None:
@@ -633,7 +652,7 @@ def sweep_metric(sweep_dir: str | Path, metric: str, x_key: str,
     line_texts = list(groups)
     if line_key and (ln := _floats(line_texts)) is not None:
         line_texts = [t for _, t in sorted(zip(ln, line_texts, strict=True))]
-    n_seeds = max(len(v) for g in groups.values() for v in g.values())
+    n_seeds = max(iv.n for g in groups.values() for iv in g.values())
     log_x = (x_num is not None and min(x_num) > 0 and max(x_num) / min(x_num) >= 20)
     fig = _figure(9, 5)
     ax = fig.subplots()
@@ -642,18 +661,23 @@ def sweep_metric(sweep_dir: str | Path, metric: str, x_key: str,
             (max(pos.values()) - min(pos.values())) or 1.0)
     for i, lt in enumerate(line_texts):
         shift = (i - (len(line_texts) - 1) / 2) * 0.012 * span if len(line_texts) > 1 else 0.0
-        xs, ys, lo, hi = [], [], [], []
+        xs, ys, err = [], [], []
         for xt in x_texts:
-            vals = groups[lt].get(xt)
-            if vals:
+            iv = groups[lt].get(xt)
+            if iv is not None:
                 xs.append(pos[xt] * 10**shift if log_x else pos[xt] + shift)
-                m = float(np.mean(vals))
-                ys.append(m)
-                lo.append(m - min(vals))
-                hi.append(max(vals) - m)
+                ys.append(iv.mean)
+                err.append(iv.half_width if iv.n > 1 else 0.0)
         label = lt if line_key else None
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker=_MARKERS[i % len(_MARKERS)], capsize=4,
-                    label=label, color=f"C{i % 10}", lw=1.5, ms=6)
+        ax.errorbar(xs, ys, yerr=err, marker=_MARKERS[i % len(_MARKERS)], capsize=4,
+                    label=label, color=f"C{i % 10}", lw=1.5, ms=6,
+                    ls="none" if x_key == "seed" else "-")  # seeds have no order to join
+        if x_key == "seed" and len(ys) > 1:
+            band = t_interval(ys)
+            ax.axhline(band.mean, color=f"C{i % 10}", ls=":", lw=1,
+                       label=f"mean {band.text('{:.4g}', with_n=True)}")
+            if band.high > band.low:
+                ax.axhspan(band.low, band.high, color=f"C{i % 10}", alpha=0.1, lw=0)
     if log_x:
         ax.set_xscale("log")
     fmt = _engformat(x_key) if x_num is not None else None
@@ -672,7 +696,18 @@ def sweep_metric(sweep_dir: str | Path, metric: str, x_key: str,
     if line_key:
         ax.legend(fontsize=9, title=axis_label(line_key), loc="center left",
                   bbox_to_anchor=(1.01, 0.5))
-    spread = f"mean over {n_seeds} runs, bars min-max" if n_seeds > 1 else "one run per point"
+    elif x_key == "seed":
+        ax.legend(fontsize=9, title="over seeds: mean ± 95% half-width", loc="best")
+    grid, zip_ = _sweep_def(d, rows)
+    mixed = [k for k in [*grid, *zip_] if k not in (x_key, line_key, "seed")
+             and len({r.get(k) for r in ok}) > 1]
+    over = "seeds" + "".join(f" and {k}" for k in mixed)
+    if n_seeds > 1:
+        spread = f"mean over {n_seeds} runs ({over}), bars 95% interval (Student t)"
+    elif x_key == "seed":
+        spread = "one run per seed; dotted: mean, band: its 95% interval (Student t)"
+    else:
+        spread = "one run per point"
     ax.set_title(f"{metric} vs {x_key}\n{d.name}: {spread}")
     name = f"{_safe(metric)}_vs_{_safe(x_key)}" + (f"_by_{_safe(line_key)}" if line_key else "")
     return _save(fig, d, f"{name}.png")
@@ -708,32 +743,43 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
 
 def comparison(comparison_dir: str | Path) -> Path:
     """Server metric per round, one line per variant (``comparison.csv``); the ``start`` server
-    (no update) as a dashed horizontal line. Projectors share a colour, LARS is dashed."""
+    (no update) as a dotted horizontal line. Projectors share a colour, LARS is dashed. Over
+    several seeds the line is the mean and a band of the same colour the 95% interval."""
     d = Path(comparison_dir)
     rows = _read_csv(d / "comparison.csv", ("variant", "round"))
     metric = next(c for c in rows[0] if c not in ("variant", "round")) if rows else "metric"
-    by: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for r in rows:
-        by[r["variant"]].append((int(r["round"]), float(r[metric])))
+    by: dict[str, list[Interval]] = defaultdict(list)
+    rounds: dict[str, list[int]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: int(r["round"])):
+        iv = Interval.from_columns(r, metric)
+        by[r["variant"]].append(iv if iv.n else Interval(float(r[metric]), *[math.nan] * 3, 1))
+        rounds[r["variant"]].append(int(r["round"]))
+    n = max((iv.n for ivs in by.values() for iv in ivs), default=1)
     fig = _figure(8, 5)
     ax = fig.subplots()
     colors: dict[str, str] = {}
-    for name, points in by.items():
-        points.sort()
+    for name, ivs in by.items():
+        y = np.array([iv.mean for iv in ivs])
+        lo, hi = np.array([iv.low for iv in ivs]), np.array([iv.high for iv in ivs])
         if name == "start":
-            ax.axhline(points[0][1], color="#333333", ls=":", label="start (no update)")
+            ax.axhline(y[0], color="#333333", ls=":", label="start (no update)")
+            if np.isfinite(lo[0]) and hi[0] > lo[0]:
+                ax.axhspan(lo[0], hi[0], color="#333333", alpha=0.08, lw=0)
             continue
         projector = name.removesuffix("+lars")
         color = colors.setdefault(projector, f"C{len(colors)}")
-        x, y = zip(*points, strict=True)
+        x = np.array(rounds[name])
         ax.plot(x, y, color=color, ls="--" if name.endswith("+lars") else "-",
                 marker=_MARKERS[(len(colors) - 1) % len(_MARKERS)], label=name)
+        if np.isfinite(lo).any():
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
     ax.set_xlabel("round")
     ax.set_ylabel(f"server {metric}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    ax.set_title(f"Server {metric} per round by projector (dashed: with LARS)\n{d.name}")
+    spread = f"\nmean over {n} seeds, bands: 95% interval (Student t)" if n > 1 else ""
+    ax.set_title(f"Server {metric} per round by projector (dashed: with LARS){spread}\n{d.name}")
     return _save(fig, d, "comparison.png")
 
 

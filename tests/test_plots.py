@@ -21,6 +21,7 @@ from fedsim.plots import (
     plot_sweep,
     server_queue,
     sweep_metric,
+    sweep_series,
     utilization_series,
 )
 from fedsim.scenario import load
@@ -166,6 +167,38 @@ def test_sweep_quality_figure_when_the_sweep_has_one(sweep_dir, tmp_path):
     assert_png(sweep_metric(d, "comm.bytes_up", "server.workers"))
     with pytest.raises(FedsimError, match="not a column"):
         sweep_metric(d, "no.such.metric", "server.workers")
+
+
+def test_sweep_error_bars_are_the_t_interval_over_seeds(sweep_dir):
+    """Each point of a sweep figure: the mean of its seeds and t(0.975, n-1)·std/√n."""
+    bw = "network.cells.0.uplink_bandwidth_hz"
+    with open(sweep_dir / "sweep.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    series = sweep_series(sweep_dir, "latency_s.round.p95", bw, "server.workers")
+    assert sorted(series) == ["1", "2"] and all(sorted(g) == ["2e6", "2e7"]
+                                                for g in series.values())
+    for workers, by_x in series.items():
+        for x, iv in by_x.items():
+            vals = [float(r["latency_s.round.p95"]) for r in rows
+                    if r[bw] == x and r["server.workers"] == workers]
+            assert len(vals) == iv.n == 2
+            mean, std = sum(vals) / 2, abs(vals[0] - vals[1]) / 2**0.5
+            assert iv.mean == pytest.approx(mean)
+            assert iv.half_width == pytest.approx(12.7062 * std / 2**0.5, rel=1e-4, abs=1e-12)
+
+
+def test_a_sweep_of_seeds_alone_plots_against_the_seed(scenario_path, tmp_path):
+    """``fedsim run --seeds`` writes a sweep over seeds alone: x is the seed, one run each."""
+    out = tmp_path / "seeds"
+    run_sweep(scenario_path, {}, seeds=3, out=out, progress=False)
+    paths = plot_sweep(out)
+    assert [p.name for p in paths] == [
+        "latency_s.round.p95_vs_seed.png", "overload.deadline_misses_vs_seed.png",
+        "utilization.uplink_vs_seed.png"]
+    for p in paths:
+        assert_png(p)
+    by_seed = sweep_series(out, "utilization.uplink", "seed")[""]
+    assert sorted(by_seed) == ["0", "1", "2"] and {iv.n for iv in by_seed.values()} == {1}
 
 
 @pytest.mark.parametrize("make", ["empty", "missing"])
