@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--lars-eta", type=float, default=0.01,
                       help="eta of the LARS variants: each tensor's step is eta*||W|| "
                       "(default 0.01)")
+    cmp_.add_argument("--seeds", type=int, metavar="N", help="run the comparison once per "
+                      "seed 0..N-1 (replacing `seed`; run directories seed=K/); comparison.csv "
+                      "then holds mean, std and 95%% interval over seeds")
     cmp_.add_argument("--out", help="output directory (default: <output.dir>/<name>-compare)")
     cmp_.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
@@ -276,26 +279,36 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from fedsim.comparison import compare, variants, write_comparison
+    from fedsim.comparison import RepeatedComparison, compare, variants, write_comparison
     from fedsim.scenario import load
 
     sc = load(args.scenario, args.overrides)
     chosen = variants([p.strip() for p in args.projectors.split(",") if p.strip()], args.lars)
     if not args.lars_eta > 0:
         raise FedsimError(f"--lars-eta: must be > 0, got {args.lars_eta}")
+    _seed_overrides(args.overrides, args.seeds)
+    # Every seed's scenario is validated before the first one runs.
+    scenarios = ([sc] if args.seeds is None else
+                 [load(args.scenario, [*args.overrides, f"seed={k}"]) for k in range(args.seeds)])
     out = Path(args.out) if args.out else Path(sc.output.dir) / f"{sc.name}-compare"
-    bar = tqdm(total=sc.rounds, unit="round", desc=f"{sc.name} x{len(chosen)} servers",
-               disable=args.quiet or None, file=sys.stderr)
-    try:
-        comp = compare(sc, chosen, args.lars_eta,
-                       progress=lambda done: bar.update(done - bar.n))
-    finally:
-        bar.close()
+    runs = []
+    for s in scenarios:
+        desc = f"{s.name} x{len(chosen)} servers" + (f" seed {s.seed}" if args.seeds else "")
+        bar = tqdm(total=s.rounds, unit="round", desc=desc, disable=args.quiet or None,
+                   file=sys.stderr)
+        try:
+            runs.append(compare(s, chosen, args.lars_eta,
+                                progress=lambda done, bar=bar: bar.update(done - bar.n)))
+        finally:
+            bar.close()
+    comp = runs[0] if args.seeds is None else RepeatedComparison(runs)
     paths = write_comparison(comp, out)
     if not args.quiet:
-        print(f"server {comp.metric} per round (start: before any update)")
-        print(comp.markdown())
-        print(f"results in       {out}/ ({', '.join(p.name for p in paths)}, run/)")
+        rep = comp if isinstance(comp, RepeatedComparison) else RepeatedComparison([comp])
+        print(rep.caption())
+        print(rep.markdown())
+        dirs = "run/" if args.seeds is None else ", ".join(f"seed={k}/" for k in rep.seeds)
+        print(f"results in       {out}/ ({', '.join(p.name for p in paths)}, {dirs})")
     return 0
 
 

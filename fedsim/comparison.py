@@ -7,20 +7,32 @@ is named ``<projector>`` or ``<projector>+lars``; ``start`` is the server before
 (the "no update" baseline). Only the first variant's work counts in simulated time.
 
 ``fedsim compare FILE --projectors pad,orthogonal,lstsq --lars both`` writes
-``comparison.csv`` (variant, round, metric), ``comparison.md`` (the table) and
+``comparison.csv``, ``comparison_by_seed.csv``, ``comparison.md`` (the table) and
 ``plots/comparison.png`` next to the run directory of the shared simulation (``run/``).
+With ``--seeds N`` the comparison runs once per seed (a ``RepeatedComparison``), each seed's
+run directory is ``seed=K/`` (the sweeps' naming), and the numbers are intervals over seeds:
+
+- ``comparison.csv``: ``variant, round, <metric>, <metric>.std, <metric>.ci95_low,
+  <metric>.ci95_high, <metric>.n`` -- per variant and round the mean over seeds, the sample
+  standard deviation and the 95% t-interval of the mean (``fedsim.intervals``; with one seed
+  the value, NaN spread);
+- ``comparison_by_seed.csv``: ``seed, variant, round, <metric>``, every seed's own value;
+- ``comparison.md``: ``mean ± half-width`` per cell (the value alone for one seed).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsim.atomic import atomic_file
 from fedsim.engine import RunResult, Simulation
 from fedsim.errors import FedsimError
 from fedsim.federation import LoraWorkload
+from fedsim.intervals import SUFFIXES, Interval, t_interval
 from fedsim.plugins import AGGREGATORS, PROJECTORS
 from fedsim.scenario import Scenario
 
@@ -45,19 +57,78 @@ class Comparison:
     by_variant: dict[str, list[float]]
     result: RunResult
 
+    @property
+    def seed(self) -> int:
+        return int(self.result.summary["seed"])
+
     def rows(self) -> list[dict[str, object]]:
-        return [{"variant": v, "round": r, self.metric: x}
+        """The rows of comparison_by_seed.csv: ``seed, variant, round, <metric>``."""
+        return [{"seed": self.seed, "variant": v, "round": r, self.metric: x}
                 for v, xs in self.by_variant.items() for r, x in enumerate(xs)]
 
     def markdown(self) -> str:
         """One row per variant, one column per round (``start`` fills every column)."""
-        rounds = max(len(xs) for xs in self.by_variant.values())
+        return RepeatedComparison([self]).markdown()
+
+
+@dataclass
+class RepeatedComparison:
+    """The same comparison run once per seed; per variant and round, the interval over them."""
+
+    runs: list[Comparison]
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise FedsimError("compare: no seeds to compare")
+        metrics = {c.metric for c in self.runs}
+        if len(metrics) > 1:
+            raise FedsimError(f"compare: the seeds measured different metrics: {sorted(metrics)}")
+
+    @property
+    def metric(self) -> str:
+        return self.runs[0].metric
+
+    @property
+    def seeds(self) -> list[int]:
+        return [c.seed for c in self.runs]
+
+    def intervals(self) -> dict[str, list[Interval]]:
+        """Per variant, per round: the t-interval over the seeds that have that round."""
+        out: dict[str, list[Interval]] = {}
+        for v in dict.fromkeys(v for c in self.runs for v in c.by_variant):
+            series = [c.by_variant.get(v, []) for c in self.runs]
+            rounds = max(len(xs) for xs in series)
+            out[v] = [t_interval(xs[r] for xs in series if r < len(xs)) for r in range(rounds)]
+        return out
+
+    def rows(self) -> list[dict[str, object]]:
+        """The rows of comparison.csv: ``variant, round`` and the metric's interval columns."""
+        return [{"variant": v, "round": r, **iv.columns(self.metric)}
+                for v, ivs in self.intervals().items() for r, iv in enumerate(ivs)]
+
+    def seed_rows(self) -> list[dict[str, object]]:
+        """The rows of comparison_by_seed.csv, seed by seed."""
+        return [row for c in self.runs for row in c.rows()]
+
+    def markdown(self) -> str:
+        """One row per variant, one column per round, each cell ``mean ± half-width`` (the
+        value alone for one seed); ``start`` fills every column."""
+        ivs = self.intervals()
+        rounds = max(len(xs) for xs in ivs.values())
         head = ["variant"] + [f"round {r}" for r in range(rounds)]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for v, xs in self.by_variant.items():
-            cells = [f"{x:.3f}" for x in (xs * rounds if v == START else xs)]
+        for v, xs in ivs.items():
+            cells = [iv.text("{:.3f}") for iv in (xs * rounds if v == START else xs)]
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+    def caption(self) -> str:
+        """What the table's numbers are, for the line above it."""
+        what = f"server {self.metric} per round (start: before any update)"
+        if len(self.runs) == 1:
+            return f"{what}, seed {self.seeds[0]}"
+        return (f"{what}: mean ± 95% half-width over {len(self.runs)} seeds "
+                f"({', '.join(map(str, self.seeds))}; Student t, n={len(self.runs)})")
 
 
 def variants(projectors: Sequence[str], lars: str) -> list[Variant]:
@@ -110,19 +181,42 @@ def compare(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float = 0.0
     return Comparison(metric, by_variant, result)
 
 
-def write_comparison(comp: Comparison, out: Path) -> list[Path]:
-    """``comparison.csv``, ``comparison.md``, ``plots/comparison.png`` and ``run/`` under
-    ``out``."""
+def _csv_text(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_comparison(comp: Comparison | RepeatedComparison, out: Path) -> list[Path]:
+    """``comparison.csv``, ``comparison_by_seed.csv``, ``comparison.md`` and
+    ``plots/comparison.png`` under ``out`` (each written atomically), beside the run
+    directories: ``run/`` for one Comparison, ``seed=K/`` per seed of a RepeatedComparison."""
     from fedsim.metrics import write_run_dir
     from fedsim.plots import comparison
 
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_run_dir(comp.result, out / "run")
-    csv_path = out / "comparison.csv"
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["variant", "round", comp.metric])
-        w.writeheader()
-        w.writerows(comp.rows())
-    md = out / "comparison.md"
-    md.write_text(comp.markdown() + "\n")
-    return [csv_path, md, comparison(out)]
+    if isinstance(comp, Comparison):
+        write_run_dir(comp.result, out / "run")
+        rep = RepeatedComparison([comp])
+    else:
+        rep = comp
+        for c in rep.runs:
+            write_run_dir(c.result, out / f"seed={c.seed}")
+    files = {
+        "comparison.csv": _csv_text(rep.rows(), ["variant", "round",
+                                                 *(rep.metric + s for s in SUFFIXES)]),
+        "comparison_by_seed.csv": _csv_text(rep.seed_rows(),
+                                            ["seed", "variant", "round", rep.metric]),
+        # The caption only for several seeds: a one-seed file stays the bare table.
+        "comparison.md": ("" if len(rep.runs) == 1 else rep.caption() + "\n\n")
+        + rep.markdown() + "\n",
+    }
+    paths = []
+    for name, text in files.items():
+        with atomic_file(out / name) as tmp:
+            tmp.write_text(text, encoding="utf-8", newline="")
+        paths.append(out / name)
+    return [*paths, comparison(out)]

@@ -1,10 +1,19 @@
 """The command line: exit codes, messages without tracebacks, the run directory."""
 
+import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# The synthetic workload, made tiny: a multi-seed run in a few seconds.
+NETWORK = ROOT / "scenarios" / "network-only.yaml"
+TINY_NETWORK = ["--set", "rounds=1", "--set", "clients.0.count=20", "--set", "clients.1.count=8",
+                "--set", "clients.2.count=2"]
+T975_DF2 = 4.3027  # Student t(0.975, 2) from a printed table
 
 GOOD = """\
 name: tiny
@@ -136,3 +145,108 @@ def test_validate_notes_a_hub_model(tmp_path):
     r = fedsim("validate", p)
     assert r.returncode == 0, r.stderr
     assert "needs network access" in r.stdout
+
+
+# --- repeated over seeds ----------------------------------------------------------------------
+
+
+def test_run_seeds_gives_a_run_directory_per_seed_and_their_t_interval(tmp_path):
+    out = tmp_path / "runs"
+    r = fedsim("run", NETWORK, *TINY_NETWORK, "--seeds", 3, "--out", out)
+    assert r.returncode == 0, r.stderr
+    dirs = sorted(p.name for p in out.iterdir() if (p / "summary.json").is_file())
+    assert dirs == ["seed=0", "seed=1", "seed=2"]
+    summaries = [json.loads((out / d / "summary.json").read_text()) for d in dirs]
+    assert [s["seed"] for s in summaries] == [0, 1, 2]
+    with open(out / "sweep_summary.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["points"], row["failed"]) == ("3", "0")
+
+    # The interval by hand over the per-seed values of each run directory's summary.json.
+    p95 = [s["latency_s"]["round"]["p95"] for s in summaries]
+    assert len(set(p95)) == 3  # the seeds differ
+    mean = sum(p95) / 3
+    std = (sum((v - mean) ** 2 for v in p95) / 2) ** 0.5
+    half = T975_DF2 * std / 3**0.5
+    assert float(row["latency_s.round.p95"]) == pytest.approx(mean, rel=1e-12)
+    assert float(row["latency_s.round.p95.std"]) == pytest.approx(std, rel=1e-9)
+    assert float(row["latency_s.round.p95.ci95_low"]) == pytest.approx(mean - half, rel=1e-4)
+    assert float(row["latency_s.round.p95.ci95_high"]) == pytest.approx(mean + half, rel=1e-4)
+    # Every seed completes its one round: zero width, at the value.
+    assert [row[f"rounds_completed{x}"] for x in ("", ".std", ".ci95_low", ".ci95_high", ".n")] \
+        == ["1.0", "0.0", "1.0", "1.0", "3"]
+
+    # The one-screen summary says mean ± half-width and n.
+    assert "mean ± 95% half-width (Student t, n=3)" in r.stdout
+    line = next(x for x in r.stdout.splitlines() if "round p95 (s)" in x)
+    assert line.split()[-3:] == [f"{mean:.3f}", "±", f"{half:.3f}"]
+    assert "rounds completed       1.0 ± 0.0" in r.stdout
+
+    # Seed K's directory is exactly the plain run with --set seed=K.
+    single = tmp_path / "single"
+    assert fedsim("run", NETWORK, *TINY_NETWORK, "--set", "seed=1", "--out", single,
+                  "--quiet").returncode == 0
+    assert (single / "events.csv").read_text() == (out / "seed=1" / "events.csv").read_text()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--seeds", 0], "--seeds must be >= 1, got 0"),
+    (["--seeds", 2, "--set", "seed=4"], "seed: given by --set and by --seeds"),
+    (["--seeds", 2, "--set", "clients.0.wings=1"], "clients.0.wings: no such key"),
+])
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_bad_seeds_exit_2_before_anything_is_written(tmp_path, args, expected, command):
+    r = fedsim(command, NETWORK, *args, "--out", tmp_path / "out")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert expected in r.stderr and "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_seeds_with_resume_exits_2(tmp_path):
+    r = fedsim("run", NETWORK, "--seeds", 2, "--resume", tmp_path / "old")
+    assert r.returncode == 2 and "--resume: not with --seeds" in r.stderr
+    assert not (tmp_path / "old").exists()
+
+
+TINY_REAL = """\
+name: tiny-real
+rounds: 1
+workload: {name: real}
+clients:
+  - {profile: cloud, count: 2, model: tiny-bert}
+server: {model: tiny-mpnet}
+network:
+  channel: {name: static}
+task: {dataset: bbc-news, kind: classification, max_train_examples: 64, eval_examples: 20,
+       partition: {name: iid}}
+training: {local_steps: 1, batch_size: 8, max_length: 16}
+"""
+
+
+@pytest.mark.slow
+def test_compare_seeds_runs_once_per_seed_and_reports_the_interval(tmp_path):
+    """Tiny real models, one projector, one round, two seeds (about a minute on 2 cores; the
+    files' contents are checked by hand in test_comparison.py, in milliseconds)."""
+    p = tmp_path / "s.yaml"
+    p.write_text(TINY_REAL)
+    out = tmp_path / "cmp"
+    r = fedsim("compare", p, "--projectors", "pad", "--lars", "off", "--seeds", 2, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "mean ± 95% half-width over 2 seeds (0, 1" in r.stdout
+    assert sorted(d.name for d in out.iterdir() if (d / "summary.json").is_file()) == [
+        "seed=0", "seed=1"]
+    by_seed = [row for row in csv.DictReader((out / "comparison_by_seed.csv").open())
+               if row["variant"] == "pad"]
+    per_seed = [float(row["accuracy"]) for row in by_seed]
+    for seed, value in zip(("0", "1"), per_seed, strict=True):  # each seed's own run
+        summary = json.loads((out / f"seed={seed}" / "summary.json").read_text())
+        assert summary["seed"] == int(seed)
+        assert summary["quality"]["server_by_round"] == pytest.approx([value])
+    (pad,) = [row for row in csv.DictReader((out / "comparison.csv").open())
+              if row["variant"] == "pad"]
+    mean = sum(per_seed) / 2
+    half = 12.7062 * abs(per_seed[0] - per_seed[1]) / 2  # t(0.975, 1) * std / sqrt(2)
+    assert float(pad["accuracy"]) == pytest.approx(mean)
+    assert float(pad["accuracy.ci95_high"]) - mean == pytest.approx(half, rel=1e-4, abs=1e-12)
+    assert pad["accuracy.n"] == "2"
+    assert (out / "plots" / "comparison.png").is_file()
