@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,7 @@ SEED_METRICS = (("sim_time_s", "simulated time (s)", "{:.1f}"),
 def format_seeds_summary(name: str, rows: list[dict[str, Any]], out: Path) -> str:
     """The one-screen summary of ``fedsim run --seeds``: mean ± 95% half-width per metric."""
     from fedsim.intervals import Interval
+    from fedsim.metrics import read_summary
     from fedsim.sweep import SUMMARY_CSV, SWEEP_CSV, summarize
 
     (group,) = summarize(rows, [])
@@ -152,9 +154,13 @@ def format_seeds_summary(name: str, rows: list[dict[str, Any]], out: Path) -> st
     seeds = [r["seed"] for r in rows]
     lines = [f"run {name} over seeds {', '.join(seeds)}: mean ± 95% half-width "
              f"(Student t, n={ok}" + (f" ok of {group['points']})" if group["failed"] else ")")]
+    metric = next((read_summary(out / r["run"])["quality"]["metric"] for r in rows
+                   if r["status"] == "ok"), None)
     for key, label, fmt in SEED_METRICS:
         iv = Interval.from_columns(group, key)
         if iv.n:
+            if key == "quality.final" and metric:
+                label = f"final server {metric}"
             lines.append(f"  {label:<22} {iv.text(fmt)}")
     for r in rows:
         if r["status"] != "ok":
@@ -166,7 +172,7 @@ def format_seeds_summary(name: str, rows: list[dict[str, Any]], out: Path) -> st
     return "\n".join(lines)
 
 
-def _study(out: Path, call: Any) -> list[dict[str, Any]] | int:
+def _study(out: Path, call: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]] | int:
     """Run a sweep-like study; an exit code instead of its rows when the user stopped it."""
     from fedsim.sweep import SWEEP_CSV
 
