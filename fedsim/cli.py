@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--lars-eta", type=float, default=0.01,
                       help="eta of the LARS variants: each tensor's step is eta*||W|| "
                       "(default 0.01)")
+    cmp_.add_argument("--references", default="standalone,centralized,homogeneous",
+                      help="references beside the variants (start is always there): "
+                      "standalone (clients alone), centralized (the server model trained on "
+                      "the union of the clients' data), homogeneous (every client on the "
+                      "server's model, FedAvg); comma-separated or none (default: all three)")
     cmp_.add_argument("--seeds", type=int, metavar="N", help="run the comparison once per "
                       "seed 0..N-1 (replacing `seed`; run directories seed=K/); comparison.csv "
                       "then holds mean, std and 95%% interval over seeds")
@@ -286,10 +291,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from fedsim.comparison import RepeatedComparison, compare, variants, write_comparison
+    from fedsim.references import parse_references
     from fedsim.scenario import load
 
     sc = load(args.scenario, args.overrides)
     chosen = variants([p.strip() for p in args.projectors.split(",") if p.strip()], args.lars)
+    refs = parse_references(args.references)
     if not args.lars_eta > 0:
         raise FedsimError(f"--lars-eta: must be > 0, got {args.lars_eta}")
     _seed_overrides(args.overrides, args.seeds)
@@ -304,7 +311,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                    file=sys.stderr)
         try:
             runs.append(compare(s, chosen, args.lars_eta,
-                                progress=lambda done, bar=bar: bar.update(done - bar.n)))
+                                progress=lambda done, bar=bar: bar.update(done - bar.n),
+                                refs=refs))
         finally:
             bar.close()
     comp = runs[0] if args.seeds is None else RepeatedComparison(runs)

@@ -5,6 +5,9 @@ by every projector under study and merged into one server model per variant (pro
 all starting from the same model (the scenario's server with its linear-probe head). A variant
 is named ``<projector>`` or ``<projector>+lars``; ``start`` is the server before any update
 (the "no update" baseline). Only the first variant's work counts in simulated time.
+``--references standalone,centralized,homogeneous`` (the default: all) adds the rows of
+:mod:`fedsim.references` to read the variants against: clients alone, the server model trained
+on the union of the clients' data (the upper bound), every client on the server's model.
 
 ``fedsim compare FILE --projectors pad,orthogonal,lstsq --lars both`` writes
 ``comparison.csv``, ``comparison_by_seed.csv``, ``comparison.md`` (the table) and
@@ -28,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsim import references
 from fedsim.atomic import atomic_file
 from fedsim.engine import RunResult, Simulation
 from fedsim.errors import FedsimError
@@ -144,11 +148,13 @@ def variants(projectors: Sequence[str], lars: str) -> list[Variant]:
 
 
 def compare(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float = 0.01,
-            progress: Callable[[int], None] | None = None) -> Comparison:
+            progress: Callable[[int], None] | None = None,
+            refs: Sequence[str] = ()) -> Comparison:
     """Run ``scenario`` once with one server model per variant; see the module docstring.
 
     ``lars_eta``: η of the LARS variants (each tensor's step has norm η·||W||, so η must be
-    small); the others use ``scenario.aggregation.eta``.
+    small); the others use ``scenario.aggregation.eta``. ``refs``: the references of
+    :mod:`fedsim.references` to compute beside them (``start`` is always there).
     """
     if not scenario.workload.trains_models or scenario.server.model is None:
         raise FedsimError("compare needs workload.name=real and a server.model")
@@ -171,14 +177,34 @@ def compare(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float = 0.0
         wl.add_server(v.name, transfer.model_copy(update={"projector": projector}), cfg)
     metric = wl.primary_metric()
     start = wl.evaluate_servers()[metric]  # every variant starts from the same model
+    head = references.start_head(wl)
+    by_variant = {START: [start]}
     try:
         result = sim.run(progress)
+        for v in chosen:
+            by_variant[v.name] = [q[f"{v.name}/{metric}"] for q in sim.quality_by_round]
+        if "standalone" in refs:
+            by_variant["standalone"] = references.standalone(wl, scenario.rounds, metric)
+        if "centralized" in refs:
+            per_round = references.examples_by_round(
+                [r["aggregated"] for r in sim.rec.rounds], _steps_per_update(wl),
+                scenario.training.batch_size)
+            by_variant["centralized"] = references.centralized(wl, head, per_round, metric)
     finally:
         wl.close()
-    by_variant = {START: [start]}
-    for v in chosen:
-        by_variant[v.name] = [q[f"{v.name}/{metric}"] for q in sim.quality_by_round]
+    if "homogeneous" in refs:
+        by_variant["homogeneous"] = references.homogeneous(scenario)
     return Comparison(metric, by_variant, result)
+
+
+def _steps_per_update(wl: LoraWorkload) -> int:
+    """Optimizer steps of one client update: ``local_steps``, or with ``local_epochs`` the
+    full batches of a mean-sized partition times the epochs."""
+    t = wl.scenario.training
+    if t.local_epochs is None:
+        return t.local_steps
+    mean_n = sum(len(p) for p in wl.parts) / max(len(wl.parts), 1)
+    return t.local_epochs * max(int(mean_n) // t.batch_size, 1)
 
 
 def _csv_text(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:

@@ -230,7 +230,8 @@ def test_compare_seeds_runs_once_per_seed_and_reports_the_interval(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text(TINY_REAL)
     out = tmp_path / "cmp"
-    r = fedsim("compare", p, "--projectors", "pad", "--lars", "off", "--seeds", 2, "--out", out)
+    r = fedsim("compare", p, "--projectors", "pad", "--lars", "off", "--seeds", 2, "--out", out,
+               "--references", "none")
     assert r.returncode == 0, r.stderr
     assert "mean ± 95% half-width over 2 seeds (0, 1" in r.stdout
     assert sorted(d.name for d in out.iterdir() if (d / "summary.json").is_file()) == [

@@ -68,8 +68,7 @@ def test_homogeneous_puts_every_client_on_the_server_model():
     assert {g.model for g in homo.clients} == {sc.server.model}
     assert homo.server.model is None and homo.aggregation.name == "fedavg"
     assert [g.count for g in homo.clients] == [g.count for g in sc.clients]
-    values = references.homogeneous(sc)
-    assert len(values) == sc.rounds and all(0.0 <= v <= 1.0 for v in values)
+    # (it runs in test_compare_writes_the_references_beside_the_variants)
 
 
 def test_unknown_reference_is_a_user_error():
@@ -77,3 +76,34 @@ def test_unknown_reference_is_a_user_error():
     assert references.parse_references("none") == []
     with pytest.raises(FedsimError, match="--references: unknown oracle"):
         references.parse_references("oracle")
+
+
+@pytest.mark.slow
+def test_compare_writes_the_references_beside_the_variants(tmp_path):
+    import csv
+
+    from fedsim.cli import main
+
+    args = [a for o in [*scenario_test_overrides(QUICKSTART), "rounds=2", "executor.name=inline"]
+            for a in ("--set", o)]
+    out = tmp_path / "cmp"
+    assert main(["compare", str(QUICKSTART), *args, "--projectors", "lstsq", "--lars", "off",
+                 "--quiet", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    rounds = {}
+    for r in rows:
+        rounds.setdefault(r["variant"], []).append(float(r["accuracy"]))
+    assert list(rounds) == ["start", "lstsq", "standalone", "centralized", "homogeneous"]
+    assert [len(v) for v in rounds.values()] == [1, 2, 2, 2, 2]
+    assert all(0.0 <= x <= 1.0 for v in rounds.values() for x in v)
+    table = (out / "comparison.md").read_text()
+    assert "| centralized |" in table and "| homogeneous |" in table
+
+
+def test_compare_refuses_an_unknown_reference(tmp_path, capsys):
+    from fedsim.cli import main
+
+    assert main(["compare", str(QUICKSTART), "--references", "oracle",
+                 "--out", str(tmp_path / "cmp")]) == 2
+    assert "--references: unknown oracle" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
