@@ -95,7 +95,10 @@ class FamilyKey:
     kind: str
 
     def trainer(self) -> FamilyTrainer:
-        return FamilyTrainer(self.model, self.task, self.num_labels, self.cfg, self.seed)
+        # The dataset names the prompt of a generation task: clients train on the prompt the
+        # server model is scored with.
+        return FamilyTrainer(self.model, self.task, self.num_labels, self.cfg, self.seed,
+                             self.dataset)
 
 
 @dataclass(frozen=True)

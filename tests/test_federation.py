@@ -191,3 +191,25 @@ def test_compare_rejects_an_unknown_projector(tmp_path, capsys):
                  "pad,warp", "--out", str(tmp_path / "x")]) == 2
     assert "--projectors: unknown warp" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_clients_train_on_the_prompt_the_server_is_scored_with():
+    """bbc-news headline generation: a family's trainer (as workers build it, FamilyKey.trainer)
+    and the server model encode the same prompt, the dataset's "{text}\\nHeadline:"."""
+    from fedsim.data import load_dataset
+    from fedsim.federation import FamilyKey
+    from fedsim.server import ServerModel
+    from fedsim.training import LocalTrainingConfig
+
+    cfg = LocalTrainingConfig(max_length=32, target_roles=("q", "v"))
+    client = FamilyKey("tiny-llama", "generation", None, cfg, 0, "bbc-news", "generation")
+    client = client.trainer()
+    server = ServerModel("tiny-llama", "generation", None, 0, projector="pad", max_length=32,
+                         dataset="bbc-news")
+    assert client.task.prompt == server.trainer.task.prompt == "{text}\nHeadline:"
+    example = load_dataset("bbc-news", "generation").train[0]
+    row, = client._encode(example)
+    prompt = [t for t, y in zip(row.ids, row.labels, strict=True) if y == -100]
+    room = 32 - (len(row.ids) - len(prompt))
+    assert prompt == server.trainer.task.prompt_ids(server.tokenizer, example.text, room)
+    assert client.tokenizer.decode(prompt).rstrip().endswith("Headline:")
