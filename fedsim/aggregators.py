@@ -6,10 +6,12 @@ The math lives in pure, typed functions beside the classes (as peft's ``merge_ut
 
 - ``fedavg``: Σ nᵢ·wᵢ·Δᵢ / Σ nᵢ·wᵢ (samples × the round policy's weight).
 - ``task-arithmetic``: η·Σ αᵢ·τᵢ / Σ αᵢ with αᵢ = quality × heterogeneity × policy weight
-  (``cfg.quality``, ``cfg.heterogeneity``, ``cfg.eta``); optional LARS (``cfg.lars``) first
-  scales each tensor of Σ αᵢ·τᵢ / Σ αᵢ by the trust ratio ||W|| / ||update||, W the current
-  weights that the caller supplies with :meth:`Aggregator.set_reference`, then by η: each
-  tensor's step has norm η·||W||.
+  (``cfg.quality``, ``cfg.heterogeneity``, ``cfg.eta``); optional LARS (``cfg.lars``, You et
+  al. 2017) scales each tensor u of Σ αᵢ·τᵢ / Σ αᵢ by its trust ratio
+  λ = c·||W|| / (||u|| + ε) (``cfg.lars_coefficient``, ``cfg.lars_eps``), W that tensor of
+  the current weights (the caller supplies them with :meth:`Aggregator.set_reference`), then
+  by η: each tensor's step has norm ≈ η·c·||W||. A tensor whose W is zero takes the plain
+  step η·u (λ = 1: there is no scale to be relative to).
 - ``norm-clip``: each client's update clipped to ``cfg.clip_norm`` (L2 over all its tensors),
   then FedAvg's weighted mean.
 - ``trimmed-mean``: per coordinate, drop the floor(``cfg.trim_ratio``·n) largest and smallest
@@ -17,14 +19,19 @@ The math lives in pure, typed functions beside the classes (as peft's ``merge_ut
 - ``median``: the coordinate-wise median (unweighted; mean of the two middle values for even n).
 
 Every rule returns {} for no results; every delta of one call has the same keys and shapes.
+
+LoRA spaces (``cfg.lora``, registry ``LORA_SPACES``): what a family's rule combines.
+``factors`` combines the A and B deltas of each module separately (avg(B)·avg(A), not
+avg(B·A)); ``exact`` combines each client's product update (B₀+ΔB)(A₀+ΔA) − B₀A₀ and
+re-factors the new product to rank r by truncated SVD.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,7 +39,8 @@ from fedsim.errors import FedsimError
 from fedsim.plugins import AGGREGATORS, AggregatorConfig
 
 Delta = dict[str, torch.Tensor]
-
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"  # adapter key tails (FamilyTrainer's)
+LORA_PRODUCT = ".lora_BA"  # a module's dense product B·A, in the ``exact`` LoRA space
 
 
 @dataclass(frozen=True)
@@ -41,10 +49,16 @@ class ClientResult:
 
     client: int
     delta: Delta
-    num_samples: int
+    num_samples: int  # examples the job trained on
     weight: float = 1.0  # the round policy's weight (async staleness discount)
-    quality: float = 0.0  # e.g. local loss improvement (loss before - loss after)
-    heterogeneity: float = 1.0  # e.g. label-distribution entropy of the client's data
+    # Loss improvement, nats: mean loss on the client's validation split before − after
+    # training (the first − last step loss where there is no split; NaN: not measured).
+    quality: float = 0.0
+    # The client's data against the federation's, by measure (fedsim.heterogeneity.MEASURES),
+    # each in [0, 1]; a measure not given counts 1 (neutral).
+    heterogeneity: Mapping[str, float] = field(default_factory=dict)
+    dataset_size: int | None = None  # n_k, the client's local data set; None: num_samples
+    start: Mapping[str, torch.Tensor] | None = None  # the adapter it trained from (LoRA spaces)
 
 
 def normalize(weights: torch.Tensor) -> torch.Tensor:
@@ -79,10 +93,21 @@ QUALITY: dict[str, Callable[[ClientResult], float]] = {
     "none": lambda r: 1.0,
     "loss-improvement": loss_improvement,
 }
+def local_samples(r: ClientResult) -> float:
+    """n_k, the client's local data set size (examples; the job's own where unknown)."""
+    return float(r.num_samples if r.dataset_size is None else r.dataset_size)
+
+
+def measure(name: str) -> Callable[[ClientResult], float]:
+    """The heterogeneity measure ``name`` as reported in ``ClientResult.heterogeneity``."""
+    return lambda r: float(r.heterogeneity.get(name, 1.0))
+
+
 HETEROGENEITY: dict[str, Callable[[ClientResult], float]] = {
     "none": lambda r: 1.0,
-    "samples": lambda r: float(r.num_samples),
-    "label-entropy": lambda r: r.heterogeneity,
+    "samples": local_samples,
+    "label-entropy": measure("label-entropy"),  # H(p_k) / log2 K
+    "js-similarity": measure("js-similarity"),  # 1 − JSD(p_k ‖ p_federation), bits
 }
 
 
@@ -116,19 +141,35 @@ def global_norm(delta: Delta) -> float:
     return math.sqrt(sum(tensor_norm(t) ** 2 for t in delta.values()))
 
 
-def lars_scale(update: Delta, reference: Mapping[str, torch.Tensor]) -> Delta:
-    """Each tensor scaled by the trust ratio ||W|| / ||update|| (You et al. 2017, LARS), so its
-    norm becomes ||W||: η then sets the update's size relative to the weights it changes.
+ZERO_REFERENCE_RATIO = 1.0  # LARS's λ for a tensor whose reference norm is zero: plain step
 
-    A tensor with no reference, a zero reference (a fresh LoRA B, a zero bias) or a zero update
-    keeps its scale (ratio 1): a zero weight would otherwise freeze it forever.
+
+def lars_trust_ratios(update: Delta, reference: Mapping[str, torch.Tensor],
+                      coefficient: float, eps: float) -> dict[str, float]:
+    """Per tensor (layer) the LARS trust ratio λ = c·||W|| / (||u|| + ε) (You et al. 2017,
+    "Large Batch Training of Convolutional Networks", eq. 6 without weight decay), W the
+    tensor's reference weights and u its update.
+
+    A tensor whose reference is zero (a zero bias, a fresh LoRA B) has no scale to be relative
+    to: it gets ``ZERO_REFERENCE_RATIO`` = 1, the plain step, rather than λ = 0, which would
+    freeze it at zero forever. A tensor without a reference is the caller's error.
     """
-    out = {}
+    missing = sorted(update.keys() - reference.keys())
+    if missing:
+        raise FedsimError(f"LARS: no reference weights for {missing[:3]}")
+    ratios = {}
     for key, u in update.items():
-        w_norm = tensor_norm(reference[key]) if key in reference else 0.0
-        u_norm = tensor_norm(u)
-        out[key] = u * (w_norm / u_norm) if w_norm > 0 and u_norm > 0 else u
-    return out
+        w_norm = tensor_norm(reference[key])
+        ratios[key] = (coefficient * w_norm / (tensor_norm(u) + eps) if w_norm > 0
+                       else ZERO_REFERENCE_RATIO)
+    return ratios
+
+
+def lars_scale(update: Delta, reference: Mapping[str, torch.Tensor], coefficient: float = 1.0,
+               eps: float = 1e-8) -> Delta:
+    """Each tensor of ``update`` times its trust ratio (:func:`lars_trust_ratios`)."""
+    ratios = lars_trust_ratios(update, reference, coefficient, eps)
+    return {k: u * ratios[k] for k, u in update.items()}
 
 
 def clip_by_norm(delta: Delta, max_norm: float) -> Delta:
@@ -204,7 +245,7 @@ class TaskArithmetic(Aggregator):
     """Task arithmetic (Ilharco et al. 2023) with per-client α: η·Σ αᵢ·τᵢ / Σ αᵢ, optional LARS.
 
     With ``cfg.lars`` the caller must :meth:`set_reference` the current weights first; each
-    tensor's update then has norm η·||W|| (η acts as LARS's trust coefficient: keep it small).
+    tensor's step then has norm ≈ η·c·||W|| (η the global rate, c LARS's trust coefficient).
     """
 
     def weights(self, results: list[ClientResult]) -> torch.Tensor:
@@ -221,7 +262,8 @@ class TaskArithmetic(Aggregator):
             raise FedsimError("aggregation.lars needs the current weights: call "
                               "set_reference(weights) before aggregate")
         # The trust ratio applies to the combined update; η scales after it (else it cancels).
-        scaled = lars_scale(task_arithmetic(deltas, alphas, 1.0), self.reference)
+        scaled = lars_scale(task_arithmetic(deltas, alphas, 1.0), self.reference,
+                            self.cfg.lars_coefficient, self.cfg.lars_eps)
         return {k: self.cfg.eta * v for k, v in scaled.items()}
 
 
@@ -256,3 +298,143 @@ class Median(Aggregator):
 
 def make_aggregator(cfg: AggregatorConfig) -> Aggregator:
     return AGGREGATORS.get(cfg.name)(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA spaces: what a family's rule combines (``cfg.lora``)
+
+
+def lora_modules(adapter: Mapping[str, torch.Tensor]) -> list[str]:
+    """The module prefixes of ``adapter`` that have both LoRA factors (sorted)."""
+    return sorted(k.removesuffix(LORA_A) for k in adapter
+                  if k.endswith(LORA_A) and k.removesuffix(LORA_A) + LORA_B in adapter)
+
+
+def factor_keys(modules: Sequence[str]) -> set[str]:
+    """The A and B keys of ``modules``."""
+    return {module + tail for module in modules for tail in (LORA_A, LORA_B)}
+
+
+def svd_flops(m: int, n: int) -> float:
+    """FLOPs of a thin SVD of an m×n matrix (U, Σ, V): 6·m·k² + 11·k³ with k = min(m, n),
+    after k ≤ max(m, n) (Golub & Van Loan, "Matrix Computations", R-SVD)."""
+    big, k = max(m, n), min(m, n)
+    return 6.0 * big * k * k + 11.0 * k ** 3
+
+
+def refactor(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-``rank`` factors (B, A) of ``product`` in Frobenius norm (Eckart–Young):
+    ``torch.linalg.svd`` in float64, the singular values split as √σ into both factors,
+    B = U_r·diag(√σ_r), A = diag(√σ_r)·V_rᵀ. Also returns the truncation error
+    ||product − B·A||_F = sqrt(Σ_{i>r} σᵢ²)."""
+    u, s, vh = torch.linalg.svd(product.to(torch.float64), full_matrices=False)
+    root = s[:rank].sqrt()
+    b, a = u[:, :rank] * root, root[:, None] * vh[:rank]
+    if b.shape[1] < rank:  # a matrix thinner than the rank: zero columns/rows keep the shape
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
+        a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])], dim=0)
+    error = float(s[rank:].pow(2).sum().sqrt())
+    return b.to(product.dtype), a.to(product.dtype), error
+
+
+def product_update(start: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> Delta:
+    """A client's update in the ``exact`` space: per LoRA module the change of its product,
+    (B₀+ΔB)(A₀+ΔA) − B₀A₀ (LoRA's scale α/r multiplies both sides alike: left out), keyed
+    ``<module>.lora_BA``; other keys (the head) as they are."""
+    out: Delta = {}
+    modules = lora_modules(start)
+    for module in modules:
+        a0, b0 = start[module + LORA_A], start[module + LORA_B]
+        a1, b1 = a0 + delta[module + LORA_A], b0 + delta[module + LORA_B]
+        out[module + LORA_PRODUCT] = b1 @ a1 - b0 @ a0
+    factors = factor_keys(modules)
+    out.update({k: v for k, v in delta.items() if k not in factors})
+    return out
+
+
+class LoraSpace(ABC):
+    """How a family's updates are combined by its rule: ``updates`` turns each client's factor
+    delta into what the rule combines, ``reference`` the adapter into the weights of the same
+    keys (LARS), ``apply`` the rule's step into the next adapter (and its FLOPs)."""
+
+    name: str
+
+    @abstractmethod
+    def updates(self, results: Sequence[ClientResult]) -> list[Delta]: ...
+
+    @abstractmethod
+    def reference(self, adapter: Mapping[str, torch.Tensor]) -> Delta: ...
+
+    @abstractmethod
+    def apply(self, adapter: Mapping[str, torch.Tensor], step: Delta,
+              clients: int) -> tuple[Delta, float]: ...
+
+
+class FactorSpace(LoraSpace):
+    """A and B deltas combined tensor by tensor (avg(B)·avg(A) ≠ avg(B·A)): cheap, and the
+    adapter's gauge (A's random start, B's zero start) is kept."""
+
+    name = "factors"
+
+    def updates(self, results: Sequence[ClientResult]) -> list[Delta]:
+        return [r.delta for r in results]
+
+    def reference(self, adapter: Mapping[str, torch.Tensor]) -> Delta:
+        return dict(adapter)
+
+    def apply(self, adapter: Mapping[str, torch.Tensor], step: Delta,
+              clients: int) -> tuple[Delta, float]:
+        new = {k: v + step[k] if k in step else v for k, v in adapter.items()}
+        # a weighted sum: 2 FLOPs per element per client
+        return new, 2.0 * clients * sum(t.numel() for t in step.values())
+
+
+class ExactSpace(LoraSpace):
+    """Each client's product update combined per module (as the rule weighs), added to the
+    adapter's product, re-factored to the adapter's rank by truncated SVD:
+    B'A' = trunc_r(B·A + step). Exact (B'A' = B·A + step) whenever that sum has rank ≤ r."""
+
+    name = "exact"
+
+    def updates(self, results: Sequence[ClientResult]) -> list[Delta]:
+        out = []
+        for r in results:
+            if r.start is None:
+                raise FedsimError("aggregation.lora: exact needs each update's start adapter "
+                                  "(ClientResult.start)")
+            out.append(product_update(r.start, r.delta))
+        return out
+
+    def reference(self, adapter: Mapping[str, torch.Tensor]) -> Delta:
+        modules = lora_modules(adapter)
+        factors = factor_keys(modules)
+        return {k: v for k, v in adapter.items() if k not in factors} | {
+            m + LORA_PRODUCT: adapter[m + LORA_B] @ adapter[m + LORA_A] for m in modules}
+
+    def apply(self, adapter: Mapping[str, torch.Tensor], step: Delta,
+              clients: int) -> tuple[Delta, float]:
+        new = dict(adapter)
+        flops = 0.0
+        for key, value in step.items():
+            if not key.endswith(LORA_PRODUCT):
+                new[key] = adapter[key] + value
+                flops += 2.0 * clients * value.numel()
+                continue
+            module = key.removesuffix(LORA_PRODUCT)
+            a, b = adapter[module + LORA_A], adapter[module + LORA_B]
+            m, rank, n = b.shape[0], a.shape[0], a.shape[1]
+            new[module + LORA_B], new[module + LORA_A], _ = refactor(b @ a + value, rank)
+            # products B·A (each client's start and end, and the adapter's), the weighted sum,
+            # the SVD
+            flops += (2 * clients + 1) * 2.0 * m * n * rank + 2.0 * clients * m * n
+            flops += svd_flops(m, n)
+        return new, flops
+
+
+LORA_SPACES: dict[str, type[LoraSpace]] = {"factors": FactorSpace, "exact": ExactSpace}
+
+
+def make_lora_space(name: str) -> LoraSpace:
+    if name not in LORA_SPACES:
+        raise FedsimError(f"aggregation.lora: unknown {name!r}; known: {', '.join(LORA_SPACES)}")
+    return LORA_SPACES[name]()

@@ -8,10 +8,17 @@ encoded payload — for the server to decode and aggregate.
 At ingest the server decodes the payload and projects the client's task vector into the larger
 server model (``scenario.server.model``, :class:`~fedsim.server.ServerModel`). At the round's
 close the aggregation rule (``scenario.aggregation``) combines the updates twice: per family in
-LoRA space (the adapter the family's clients download next round) and across families in the
-server's weight space, merged into the server model — ``W ← W + η·Σ αᵢ·τᵢ / Σ αᵢ`` for task
-arithmetic. The run's primary metric is the server model's. There is no back-projection: the
-clients gain from each other through their family adapter, not from the server model.
+LoRA space (the adapter the family's clients download next round; its factors or their exact
+products, ``aggregation.lora``) and across families in the server's weight space, merged into
+the server model — ``W ← W + η·Σ αᵢ·τᵢ / Σ αᵢ`` for task arithmetic. LARS applies once: in the
+server's space (in the family's when there is no server model). The run's primary metric is
+the server model's. There is no back-projection: the clients gain from each other through their
+family adapter, not from the server model.
+
+What α weighs is fixed here: each client's n_k (its partition's size), its data's distance to
+the federation's (:mod:`fedsim.heterogeneity`) and, when the rule weighs loss improvement, a
+validation split held out of its partition (``training.validation_examples``, drawn from the
+seed per client, the same every round) on which its job measures the loss before and after.
 
 Every random choice is keyed by (seed, client, round), so a job's result is the same whichever
 order jobs run in and wherever they run.
@@ -28,16 +35,17 @@ import numpy as np
 import torch
 
 from fedsim import codecs
-from fedsim.aggregators import ClientResult, global_norm, make_aggregator
+from fedsim.aggregators import ClientResult, global_norm, make_aggregator, make_lora_space
 from fedsim.attacks import attack
-from fedsim.data import TaskData, label_entropy, load_dataset, partition
+from fedsim.data import TaskData, load_dataset, partition
 from fedsim.devices import Fleet
 from fedsim.executors import WorkerCache
+from fedsim.heterogeneity import heterogeneity
 from fedsim.plugins import TASKS, AggregatorConfig, TransferConfig
 from fedsim.rng import stream
 from fedsim.scenario import Scenario
 from fedsim.server import ServerModel, ServerSet, ServerVariant, make_transfer
-from fedsim.training import FamilyTrainer, LocalTrainingConfig, TrainResult
+from fedsim.training import FamilyTrainer, LocalTrainingConfig, TrainResult, validation_split
 from fedsim.workload import (
     WORKLOADS,
     Adapter,
@@ -61,8 +69,7 @@ def local_config(scenario: Scenario) -> LocalTrainingConfig:
         lora_r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
         target_roles=tuple(t.lora.target_roles), lr=t.lr, weight_decay=t.weight_decay,
         local_steps=t.local_steps, local_epochs=t.local_epochs, batch_size=t.batch_size,
-        max_length=t.max_length,
-        quality_eval=t.quality_eval, threads=scenario.executor.threads_per_job)
+        max_length=t.max_length, threads=scenario.executor.threads_per_job)
 
 
 def job_seed(seed: int, client: int, round_: int) -> int:
@@ -129,6 +136,15 @@ def partition_clients(task: TaskData, scenario: Scenario, n_clients: int) -> lis
                      **p.options())
 
 
+def validation_splits(scenario: Scenario, parts: list[np.ndarray]) -> list[np.ndarray]:
+    """Each client's validation split, as positions in its partition: held out of training when
+    the rule weighs loss improvement (``training.validation_examples`` of them, at most all but
+    one), else empty. Drawn per client from the seed: the same every round."""
+    size = scenario.training.validation_examples if scenario.aggregation.measures_quality else 0
+    return [validation_split(len(idx), size, stream(scenario.seed, f"validation/{c}"))
+            for c, idx in enumerate(parts)]
+
+
 def _taker(tensors: dict[str, torch.Tensor]) -> Any:
     """``take(prefix)``: the tensors named ``prefix/<name>``, by ``<name>``."""
     def take(prefix: str) -> dict[str, torch.Tensor]:
@@ -165,15 +181,19 @@ class LoraWorkload(Workload):
             self.families[model] = Family(model, trainer, adapter, nbytes, members)
         self.codec = codecs.from_config(scenario.compression)
         self.codec_state = [codecs.ClientCodecState() for _ in range(fleet.size)]
-        self.aggregator = make_aggregator(scenario.aggregation)
+        agg = scenario.aggregation
+        # LARS once: in the server's weight space when a server model takes the merge.
+        self.aggregator = make_aggregator(agg if scenario.server.model is None
+                                          else agg.in_lora_space())
+        self.lora_space = make_lora_space(agg.lora)
+        self.validation = validation_splits(scenario, self.parts)
         self._downloaded: dict[int, Adapter] = {}  # the adapter each client trains from
         self.servers = ServerSet()
         if scenario.server.model is not None:
             self.add_server("server", scenario.transfer, scenario.aggregation)
-        n_classes = num_labels or 0
-        labels = np.array([ex.label for ex in train]) if n_classes else None
-        self.heterogeneity = [label_entropy(labels, idx, n_classes) if labels is not None else 1.0
-                              for idx in self.parts]
+        # Each client's data against the federation's, by measure (classes, or target lengths).
+        labels = TASKS.get(self.task.task).partition_labels(train)
+        self.heterogeneity = heterogeneity(train, labels, num_labels or 0, self.parts)
         self._last: dict[int, tuple[Adapter, Adapter]] = {}  # client -> (start, delta)
         self._evaluating: Deferred | None = None  # a background evaluation in progress
 
@@ -226,7 +246,8 @@ class LoraWorkload(Workload):
 
     def plan(self, client: int, round_: int) -> JobPlan:
         fam = self._family(client)
-        p = fam.trainer.plan(self._examples(client), job_seed(self.scenario.seed, client, round_))
+        p = fam.trainer.plan(self._examples(client), job_seed(self.scenario.seed, client, round_),
+                             validation=self.validation[client])
         return JobPlan(flops=p.flops, peak_memory_bytes=p.peak_memory_bytes,
                        num_samples=p.num_samples, tokens=p.tokens, context=p)
 
@@ -272,8 +293,10 @@ class LoraWorkload(Workload):
             return Ingested(flops=2.0 * numel, accepted=False,
                             detail=f"update norm {norm:.4g} > max_update_norm {limit:g}: "
                             "quarantined")
-        result = ClientResult(client=client, delta=delta, num_samples=sent.num_samples,
-                              quality=sent.quality, heterogeneity=self.heterogeneity[client])
+        result = ClientResult(
+            client=client, delta=delta, num_samples=sent.num_samples, quality=sent.quality,
+            heterogeneity={m: v[client] for m, v in self.heterogeneity.items()},
+            dataset_size=len(self.parts[client]), start=sent.start)
         # Server work: decode (a few operations per element) + checks, ~4 FLOPs per element,
         # then the transfer into the server model (the primary's, when a study has more).
         carried, flops = self.servers.carry(sent.family, sent.start, delta)
@@ -287,12 +310,15 @@ class LoraWorkload(Workload):
             results = [self._weighted(a) for a in arrivals if self.fleet.model[a.client] == model]
             if not results:
                 continue
-            self.aggregator.set_reference(fam.adapter)  # LARS: trust ratios against the adapter
+            space = self.lora_space  # the factors, or their exact products
+            updates = space.updates(results)
+            results = [replace(r, delta=u) for r, u in zip(results, updates, strict=True)]
+            # LARS (no server model only): trust ratios against the adapter, in the same space
+            self.aggregator.set_reference(space.reference(fam.adapter))
             step = self.aggregator.aggregate(round_, results, failures=0)
-            fam.adapter = {k: v + step[k] if k in step else v for k, v in fam.adapter.items()}
+            fam.adapter, f = space.apply(fam.adapter, step, len(results))
             fam.version += 1
-            # a weighted sum: 2 FLOPs per element per client
-            flops += 2.0 * len(results) * sum(t.numel() for t in step.values())
+            flops += f
         if self.servers:
             flops += self.servers.merge([self._weighted(a) for a in arrivals],
                                         [a.carried for a in arrivals], round_)

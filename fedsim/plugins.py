@@ -169,11 +169,25 @@ class AdaptiveCodecConfig(CodecConfig):
 class AggregatorConfig(PluginConfig):
     """Every rule also takes ``max_update_norm``: an update whose L2 norm (all its tensors)
     exceeds it is quarantined at ingest (recorded as rejected, never aggregated); null: no
-    limit (NaN/Inf updates are always quarantined)."""
+    limit (NaN/Inf updates are always quarantined). ``lora``: what a family's rule combines in
+    LoRA space, ``factors`` (each of A and B separately: avg(B)·avg(A)) or ``exact`` (each
+    module's product update B·A − B₀A₀, re-factored to rank r by truncated SVD)."""
 
     registry = AGGREGATORS
     name: str
     max_update_norm: PositiveFloat | None = None
+    lora: Literal["factors", "exact"] = "factors"
+
+    @property
+    def measures_quality(self) -> bool:
+        """Whether the rule weighs clients by their loss improvement (clients then hold out a
+        validation split, ``training.validation_examples``, and measure it)."""
+        return False
+
+    def in_lora_space(self) -> AggregatorConfig:
+        """The rule as a family applies it to its LoRA adapter when a server model takes the
+        merge (LARS off: it applies once, in the server's weight space)."""
+        return self
 
 
 @AGGREGATORS.options("fedavg")
@@ -183,13 +197,24 @@ class FedAvgConfig(AggregatorConfig):
 
 @AGGREGATORS.options("task-arithmetic")
 class TaskArithmeticConfig(AggregatorConfig):
-    """η·Σ αᵢ·τᵢ / Σ αᵢ, αᵢ = quality × heterogeneity × policy weight, optional LARS."""
+    """η·Σ αᵢ·τᵢ / Σ αᵢ, αᵢ = quality × heterogeneity × policy weight, optional LARS: each
+    tensor u of the combined update times λ = lars_coefficient·‖W‖ / (‖u‖ + lars_eps) before η
+    (a zero ‖W‖: λ = 1), in the server model's weight space (the family's without a server)."""
 
     name: Literal["task-arithmetic"] = "task-arithmetic"
     eta: PositiveFloat = 1.0
     lars: bool = False
+    lars_coefficient: PositiveFloat = 1.0  # c: each tensor's step has norm ≈ η·c·‖W‖
+    lars_eps: PositiveFloat = 1e-8  # ε, in the units of ‖u‖
     quality: Literal["none", "loss-improvement"] = "loss-improvement"
-    heterogeneity: Literal["none", "samples", "label-entropy"] = "samples"
+    heterogeneity: Literal["none", "samples", "label-entropy", "js-similarity"] = "js-similarity"
+
+    @property
+    def measures_quality(self) -> bool:
+        return self.quality != "none"
+
+    def in_lora_space(self) -> AggregatorConfig:
+        return self.model_copy(update={"lars": False})
 
 
 @AGGREGATORS.options("norm-clip")

@@ -197,9 +197,20 @@ class TrainingConfig(Config):
     local_epochs: int | None = Field(default=None, ge=1)  # set: passes over local data instead
     batch_size: int = Field(default=16, ge=1)
     max_length: int = Field(default=64, ge=8, le=8192)
-    # Loss over the job's examples before/after training (two extra forward passes, outside
-    # the modelled FLOPs); off: first and last step losses stand in.
-    quality_eval: bool = False
+    # Examples of each client's partition held out as its local validation split when the
+    # aggregation weighs loss improvement (task-arithmetic's quality): never trained on, their
+    # mean loss measured before and after each job (two forward passes, in the job's FLOPs).
+    # 0: no split; the first and last step losses stand in (other examples: a noisy proxy).
+    validation_examples: int = Field(default=8, ge=0, le=100_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, doc: Any) -> Any:
+        if isinstance(doc, dict) and "quality_eval" in doc:
+            raise ValueError("quality_eval: removed; the loss improvement is now measured on a "
+                             "held-out local validation split: set training.validation_examples "
+                             "(its size; 0 = first and last step losses)")
+        return doc
 
 
 class FaultsConfig(Config):

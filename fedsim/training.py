@@ -10,6 +10,11 @@ the tokens, FLOPs (4·N·tokens, see DESIGN "The one rule") and peak memory are 
 training; the simulator waits ``flops / device FLOP/s`` and checks the memory against the device.
 ``train`` then runs exactly that plan and returns the adapter delta.
 
+A plan may hold out a local validation split (``validation_split``: examples of the client's
+own data that it never trains on): the job measures its mean loss on them before and after
+training, the loss improvement that task arithmetic weighs clients by; the two forward passes
+(2·N·tokens each) are part of the plan's FLOPs.
+
 What depends on the task (the model head, tokenization and batching, the loss, the metrics) is
 asked of the trainer's task entry (registry ``TASKS``, :mod:`fedsim.tasks`).
 """
@@ -72,6 +77,12 @@ def lm_head_flops(vocab_size: int, hidden: int, positions: int) -> float:
     return 4.0 * vocab_size * hidden * positions
 
 
+def forward_flops(non_embedding_params: int, tokens: int) -> float:
+    """FLOPs of one forward pass over ``tokens`` tokens: 2N (a causal LM's output layer apart,
+    2·V·h per logit position: half of :func:`lm_head_flops`)."""
+    return 2.0 * non_embedding_params * tokens
+
+
 def full_finetune_flops(non_embedding_params: int, tokens: int) -> float:
     """FLOPs of full fine-tuning: forward 2N, activation gradients 2N, weight gradients 2N."""
     return 6.0 * non_embedding_params * tokens
@@ -123,9 +134,6 @@ class LocalTrainingConfig:
     batch_size: int = 16
     max_length: int = 64  # tokens per sequence, prompt + target for generation
     max_new_tokens: int = 16  # greedy decoding length for generation metrics
-    # Measure the loss over the job's examples before and after training (two extra forward
-    # passes, a measurement outside the modelled FLOPs). Off: the first and last step losses.
-    quality_eval: bool = False
     # torch threads of a job: a float sum's order depends on the thread count, so a fixed one
     # gives bit-identical deltas wherever the job runs (scenario.executor.threads_per_job).
     threads: int = 1
@@ -151,17 +159,30 @@ class LocalTrainingConfig:
                               f"got {self.target_roles}")
 
 
+def validation_split(num_examples: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions (sorted) of a client's validation split among its ``num_examples`` examples:
+    ``size`` drawn without replacement, at most ``num_examples − 1`` (one is left to train on);
+    empty for ``size`` 0."""
+    size = min(size, num_examples - 1)
+    if size <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.sort(rng.choice(num_examples, size=size, replace=False))
+
+
 @dataclass(frozen=True)
 class TrainPlan:
     """A job fixed before it runs: batches (indices into the client's examples, one tuple per
-    local step) and what they cost."""
+    local step), the validation split it measures (indices too, never in a batch) and what
+    they cost."""
 
     batches: tuple[tuple[int, ...], ...]
-    tokens: int  # tokens processed, padding included: Σ_steps batch·rows·padded_len
-    flops: float  # lora_step_flops(N, tokens)
+    tokens: int  # training tokens, padding included: Σ_steps batch·rows·padded_len
+    flops: float  # lora_step_flops(N, tokens) (+ output layer) + the validation passes
     peak_memory_bytes: int
-    num_samples: int  # distinct examples used
+    num_samples: int  # distinct examples trained on
     padded_lengths: tuple[int, ...] = ()  # tokens per sequence of each step, after padding
+    validation: tuple[int, ...] = ()  # the held-out examples whose loss is measured
+    validation_tokens: int = 0  # tokens of one forward pass over them, padding included
 
 
 @dataclass(frozen=True)
@@ -174,8 +195,10 @@ class TrainResult:
     peak_memory_bytes: int
     num_samples: int
     losses: tuple[float, ...]  # training loss of each local step (the batch mean)
-    loss_before: float  # mean loss over the plan's examples before training (eval mode)
-    loss_after: float  # the same after training
+    # Mean loss on the plan's validation split before training (eval mode) and after; without
+    # a split, the first and the last step's training loss (other examples: a noisy proxy).
+    loss_before: float
+    loss_after: float
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -259,15 +282,21 @@ class FamilyTrainer:
 
     # -- planning ---------------------------------------------------------------------------
 
-    def plan(self, examples: Sequence[Example], seed: int) -> TrainPlan:
-        """Batches for ``local_steps`` steps (or ``local_epochs`` passes) drawn from ``seed``,
-        and their cost.
+    def plan(self, examples: Sequence[Example], seed: int,
+             validation: Sequence[int] = ()) -> TrainPlan:
+        """Batches for ``local_steps`` steps (or ``local_epochs`` passes) drawn from ``seed``
+        among the examples not in ``validation`` (positions in ``examples``), and the cost.
 
         Each epoch is a fresh permutation cut into full batches (the remainder is dropped, so a
         batch never repeats an example); a client with fewer examples than ``batch_size`` uses
-        all of them every step.
+        all of them every step. The validation split's loss is measured before and after
+        training: two forward passes, in the FLOPs.
         """
-        n, size, steps = len(examples), self.cfg.batch_size, self.cfg.local_steps
+        held = sorted({int(i) for i in validation})
+        if held and not 0 <= held[0] <= held[-1] < len(examples):
+            raise FedsimError(f"validation positions must be in [0, {len(examples)}), got {held}")
+        pool = np.setdiff1d(np.arange(len(examples)), held)  # the examples trained on
+        n, size, steps = len(pool), self.cfg.batch_size, self.cfg.local_steps
         if n == 0:
             raise FedsimError("a client needs at least one example to train")
         if self.cfg.local_epochs is not None:  # full batches per pass, at least one step each
@@ -275,7 +304,7 @@ class FamilyTrainer:
         rng = np.random.default_rng(seed)
         batches: list[tuple[int, ...]] = []
         while len(batches) < steps:
-            order = rng.permutation(n).tolist()
+            order = pool[rng.permutation(n)].tolist()
             width = min(size, n)
             batches += [tuple(order[i:i + width]) for i in range(0, n - width + 1, width)]
         batches = batches[:steps]
@@ -285,13 +314,40 @@ class FamilyTrainer:
         tokens = sum(len(b) * rows * length for b, length in zip(batches, lengths, strict=True))
         used = [[examples[i] for i in b] for b in batches]
         flops = lora_step_flops(self.non_embedding_params, tokens)
-        positions = sum(len(b) * self.task.vocab_positions([r for e in b for r in self._encode(e)])
-                        for b in used)
+        positions = self._logit_positions(used)
         if positions:  # a causal LM's output layer, on each batch's logit positions only
             config = self.model.config
             flops += lm_head_flops(config.vocab_size, config.hidden_size, positions)
+        held_out = [examples[i] for i in held]
+        val_tokens = self._forward_tokens(held_out)
+        flops += 2 * self._forward_flops(held_out, val_tokens)  # before and after training
         return TrainPlan(tuple(batches), tokens, flops, self._peak_memory(used),
-                         len({i for b in batches for i in b}), lengths)
+                         len({i for b in batches for i in b}), lengths, tuple(held), val_tokens)
+
+    def _logit_positions(self, batches: Sequence[Sequence[Example]]) -> int:
+        """Vocabulary logit positions of ``batches`` (0 where the head scores classes)."""
+        return sum(len(b) * self.task.vocab_positions([r for e in b for r in self._encode(e)])
+                   for b in batches)
+
+    def _eval_batches(self, examples: Sequence[Example]) -> list[Sequence[Example]]:
+        """``examples`` as evaluation batches: ``batch_size`` at a time, in order."""
+        size = self.cfg.batch_size
+        return [examples[i:i + size] for i in range(0, len(examples), size)]
+
+    def _forward_tokens(self, examples: Sequence[Example]) -> int:
+        """Tokens of one evaluation pass over ``examples``, each batch padded to its longest."""
+        return sum(len(rows) * max(len(r.ids) for r in rows) for b in self._eval_batches(examples)
+                   if (rows := [r for e in b for r in self._encode(e)]))
+
+    def _forward_flops(self, examples: Sequence[Example], tokens: int) -> float:
+        """FLOPs of one evaluation pass over ``examples`` (``tokens`` of them): 2·N·tokens, and
+        a causal LM's output layer forward, 2·V·h per logit position."""
+        flops = forward_flops(self.non_embedding_params, tokens)
+        positions = self._logit_positions(self._eval_batches(examples))
+        if positions:
+            config = self.model.config
+            flops += lm_head_flops(config.vocab_size, config.hidden_size, positions) / 2
+        return flops
 
     def _peak_memory(self, batches: Sequence[Sequence[Example]]) -> int:
         """``peak_memory_bytes`` at the largest batch and longest padded sequence of a plan."""
@@ -319,9 +375,7 @@ class FamilyTrainer:
     @torch.inference_mode()
     def _mean_loss(self, examples: Sequence[Example]) -> float:
         """Mean of per-batch losses over ``examples`` in eval mode, batch_size at a time."""
-        size = self.cfg.batch_size
-        losses = [self._loss(examples[i:i + size]).item() for i in range(0, len(examples), size)]
-        return float(np.mean(losses))
+        return float(np.mean([self._loss(b).item() for b in self._eval_batches(examples)]))
 
     def train(self, adapter: dict[str, torch.Tensor], examples: Sequence[Example],
               plan: TrainPlan, seed: int) -> TrainResult:
@@ -329,8 +383,8 @@ class FamilyTrainer:
 
         Same adapter, examples, plan and seed give a bit-identical delta (on the same machine
         and thread count). ``seed`` drives dropout, in a forked global generator that is
-        restored afterwards. Loss before/after is measured on the plan's distinct examples in
-        eval mode; it is not part of the plan's FLOPs (a measurement, not client work).
+        restored afterwards. Loss before/after is measured on the plan's validation split in
+        eval mode (its FLOPs are the plan's); without one, the first and last step losses.
         """
         with torch_threads(self.cfg.threads):
             return self._train(adapter, examples, plan, seed)
@@ -338,10 +392,10 @@ class FamilyTrainer:
     def _train(self, adapter: dict[str, torch.Tensor], examples: Sequence[Example],
                plan: TrainPlan, seed: int) -> TrainResult:
         self.apply(adapter)
-        used = [examples[i] for i in sorted({i for b in plan.batches for i in b})]
+        held_out = [examples[i] for i in plan.validation]
         optimizer = torch.optim.AdamW(list(self._params.values()), lr=self.cfg.lr,
                                       weight_decay=self.cfg.weight_decay)
-        loss_before = self._mean_loss(used) if self.cfg.quality_eval else math.nan
+        loss_before = self._mean_loss(held_out) if held_out else math.nan
         losses = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -355,8 +409,8 @@ class FamilyTrainer:
                     losses.append(loss.item())
             finally:
                 self.model.eval()
-        if self.cfg.quality_eval:
-            loss_after = self._mean_loss(used)
+        if held_out:
+            loss_after = self._mean_loss(held_out)
         else:
             loss_before, loss_after = losses[0], losses[-1]
         delta = {k: (p.detach().float() - adapter[k].float()).cpu()

@@ -193,6 +193,101 @@ def test_compare_rejects_an_unknown_projector(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+# --- what α weighs, LARS once, exact LoRA aggregation, prompts -------------------------------
+
+
+def test_ingest_reports_n_k_heterogeneity_and_the_validation_quality():
+    """Task arithmetic: each client holds out ``training.validation_examples`` of its partition
+    (disjoint from every batch, the same every round); the plan's FLOPs (what the simulated
+    clock waits) include the two validation passes; the result carries n_k = the partition's
+    size (not the examples the job touched) and the client's heterogeneity measures."""
+    import numpy as np
+
+    from fedsim.heterogeneity import heterogeneity
+
+    sim = Simulation(tiny_scenario(rounds=1, aggregation={"name": "task-arithmetic"},
+                                   training={"local_steps": 2, "batch_size": 8, "max_length": 32,
+                                             "lr": 5e-3, "validation_examples": 6}))
+    wl = sim.workload
+    assert [len(v) for v in wl.validation] == [6] * 4
+    plan = wl.plan(0, 0)
+    p = plan.context
+    assert p.validation == tuple(wl.validation[0].tolist())
+    assert not {i for b in p.batches for i in b} & set(p.validation)
+    assert wl.plan(0, 1).context.validation == p.validation  # the same split every round
+    assert plan.flops == p.flops > 0 and p.validation_tokens > 0
+    wl.download_bytes(0)
+    update = wl.train(0, 0, plan)
+    trainer = wl._family(0).trainer
+    held = [wl._examples(0)[i] for i in p.validation]
+    assert update.loss_before == pytest.approx(trainer.evaluate(wl._start(0), held)["loss"])
+    ing = wl.ingest(0, wl.encode(0, 0, update, 1e6, None))
+    r = ing.result
+    assert r.quality == pytest.approx(update.loss_before - update.loss_after)
+    assert r.dataset_size == len(wl.parts[0]) == 50 != r.num_samples == p.num_samples == 16
+    train = wl.task.train
+    labels = np.array([e.label for e in train])
+    want = heterogeneity(train, labels, len(wl.task.label_names), wl.parts)
+    assert r.heterogeneity == {m: v[0] for m, v in want.items()}
+    assert 0 < r.heterogeneity["js-similarity"] <= 1
+
+
+def test_fedavg_holds_out_no_validation_split():
+    wl = Simulation(tiny_scenario(rounds=1)).workload
+    assert all(len(v) == 0 for v in wl.validation)
+    assert wl.plan(0, 0).context.validation == ()
+
+
+def test_lars_applies_once_in_the_server_space():
+    """With a server model LARS is the server's (its trust ratios against the server's
+    weights); the family's LoRA rule runs without it. Without a server model the family's
+    rule is the only aggregation, and it applies LARS."""
+    lars = {"name": "task-arithmetic", "lars": True, "eta": 0.01}
+    wl = Simulation(tiny_scenario(rounds=1, aggregation=lars,
+                                  transfer={"projector": "pad"})).workload
+    assert wl.aggregator.cfg.lars is False
+    assert wl.servers.primary.aggregator.cfg.lars is True
+    alone = Simulation(tiny_scenario(rounds=1, aggregation=lars, server={"model": None}))
+    assert alone.workload.aggregator.cfg.lars is True
+
+
+def test_exact_lora_family_adapter_is_the_weighted_mean_of_products():
+    """aggregation.lora=exact with r = the hidden size (64, so every product fits): after a round
+    each module's B'A' is B0A0 + Σ wᵢ (BᵢAᵢ − B0A0), wᵢ FedAvg's nᵢ / Σ n over the arrivals."""
+    import torch
+
+    from fedsim.aggregators import lora_modules
+
+    sc = tiny_scenario(rounds=1, server={"model": None},
+                       aggregation={"name": "fedavg", "lora": "exact"},
+                       training={"local_steps": 2, "batch_size": 8, "max_length": 32,
+                                 "lr": 5e-2, "lora": {"r": 64, "alpha": 64}})
+    sim = Simulation(sc)
+    wl = sim.workload
+    fam = wl.families["tiny-bert"]
+    start = {k: v.clone() for k, v in fam.adapter.items()}
+    seen = []
+    aggregate = wl.aggregate
+
+    def spy(round_, arrivals):
+        seen.extend(arrivals)
+        return aggregate(round_, arrivals)
+
+    wl.aggregate = spy
+    sim.run()
+    assert seen and fam.version == 1
+    sizes = torch.tensor([a.result.num_samples * a.weight for a in seen], dtype=torch.float64)
+    w = sizes / sizes.sum()
+    for m in lora_modules(start):
+        a0, b0 = start[m + ".lora_A.weight"].double(), start[m + ".lora_B.weight"].double()
+        want = b0 @ a0 + sum(
+            wi * ((b0 + x.result.delta[m + ".lora_B.weight"]) @ (a0 + x.result.delta[
+                m + ".lora_A.weight"]) - b0 @ a0) for wi, x in zip(w, seen, strict=True))
+        got = fam.adapter[m + ".lora_B.weight"].double() @ fam.adapter[m + ".lora_A.weight"].double()
+        assert float(want.norm()) > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_clients_train_on_the_prompt_the_server_is_scored_with():
     """bbc-news headline generation: a family's trainer (as workers build it, FamilyKey.trainer)
     and the server model encode the same prompt, the dataset's "{text}\\nHeadline:"."""

@@ -14,9 +14,11 @@ from fedsim.training import (
     FamilyTrainer,
     LocalTrainingConfig,
     adapter_bytes,
+    forward_flops,
     full_finetune_flops,
     lora_step_flops,
     peak_memory_bytes,
+    validation_split,
 )
 
 # Fast settings: short sequences, a high learning rate so a few steps show learning.
@@ -312,17 +314,64 @@ def test_trainer_rejects_bad_task_and_missing_labels():
         FamilyTrainer("tiny-bert", "classification", None, LocalTrainingConfig(), seed=0)
 
 
-def test_quality_eval_measures_loss_over_the_job_examples():
-    """quality_eval=True: loss before/after over the job's examples in eval mode; off: the
-    first and last step losses stand in (no extra forward passes)."""
-    examples = load_dataset("bbc-news", "classification").train[:16]
-    on = bert_cls(quality_eval=True, local_steps=6)
-    off = bert_cls(local_steps=6)
-    r_on = on.train(on.initial_adapter(), examples, on.plan(examples, seed=1), seed=1)
-    r_off = off.train(off.initial_adapter(), examples, off.plan(examples, seed=1), seed=1)
+def test_validation_split_is_held_out_measured_and_costed():
+    """A plan's validation split is never trained on; its loss is measured before and after (the
+    same examples, eval mode) and the two forward passes are in the FLOPs, 2·N·tokens each;
+    without a split the first and last step losses stand in, and training is the same."""
+    examples = load_dataset("bbc-news", "classification").train[:40]
+    t = bert_cls(local_steps=6, batch_size=8)
+    held = validation_split(len(examples), 8, np.random.default_rng(0))
+    assert len(held) == 8 and len(set(held.tolist())) == 8
+    plan = t.plan(examples, seed=1, validation=held)
+    trained = {i for b in plan.batches for i in b}
+    assert plan.validation == tuple(sorted(held.tolist()))
+    assert trained and not trained & set(plan.validation)  # disjoint
+    held_out = [examples[i] for i in plan.validation]
+    tokens = len(held_out) * max(len(t._encode(e)[0].ids) for e in held_out)  # one batch of 8
+    assert plan.validation_tokens == tokens
+    bare = lora_step_flops(t.non_embedding_params, plan.tokens)
+    assert plan.flops == pytest.approx(bare + 2 * forward_flops(t.non_embedding_params, tokens))
+    assert forward_flops(10, 3) == 2 * 10 * 3
+    r = t.train(t.initial_adapter(), examples, plan, seed=1)
+    assert r.loss_before == pytest.approx(t.evaluate(t.initial_adapter(), held_out)["loss"])
+    trained_adapter = {k: v + r.delta[k] for k, v in t.initial_adapter().items()}
+    assert r.loss_after == pytest.approx(t.evaluate(trained_adapter, held_out)["loss"])
+    assert r.loss_before != r.losses[0]
+    # No split: first and last step losses; the same batches train the same way.
+    pool = [i for i in range(len(examples)) if i not in plan.validation]
+    rest = [examples[i] for i in pool]
+    off = t.plan(rest, seed=1)
+    assert [tuple(pool[i] for i in b) for b in off.batches] == list(plan.batches)
+    r_off = t.train(t.initial_adapter(), rest, off, seed=1)
     assert r_off.loss_before == r_off.losses[0] and r_off.loss_after == r_off.losses[-1]
-    assert r_on.loss_after < r_on.loss_before
-    assert r_on.losses == r_off.losses  # measuring does not change the training itself
+    assert r_off.losses == r.losses  # measuring does not change the training itself
+    assert off.flops == lora_step_flops(t.non_embedding_params, off.tokens)
+    with pytest.raises(FedsimError, match="validation positions"):
+        t.plan(examples, seed=1, validation=[40])
+
+
+def test_validation_split_leaves_one_example_to_train_on():
+    rng = np.random.default_rng(0)
+    assert len(validation_split(5, 8, rng)) == 4  # at most all but one
+    assert len(validation_split(1, 8, rng)) == 0 and len(validation_split(9, 0, rng)) == 0
+    a, b = (validation_split(30, 8, np.random.default_rng(7)) for _ in range(2))
+    assert a.tolist() == b.tolist()  # deterministic from the generator's seed
+
+
+def test_generation_validation_flops_count_the_output_layer_forward():
+    from fedsim.tasks import logit_positions
+    from fedsim.training import lm_head_flops
+
+    t = trainer("tiny-llama", "generation", None, "freedict-en-de",
+                target_roles=ALL_ROLES["llama"])
+    examples = load_dataset("freedict-en-de", "generation").train[:12]
+    plan = t.plan(examples, seed=0, validation=[0, 1, 2])
+    bare = t.plan([e for i, e in enumerate(examples) if i > 2], seed=0)
+    held = [t._encode(examples[i])[0] for i in range(3)]
+    cfg = t.model.config
+    head = lm_head_flops(cfg.vocab_size, cfg.hidden_size, 3 * logit_positions(held)) / 2
+    extra = 2 * (forward_flops(t.non_embedding_params, plan.validation_tokens) + head)
+    assert plan.flops - bare.flops == pytest.approx(extra, rel=1e-9)
 
 
 def test_local_epochs_plan_full_passes():
@@ -349,3 +398,15 @@ def test_generation_flops_count_the_output_layer_on_logit_positions():
     want = 4 * t.non_embedding_params * plan.tokens + 4 * cfg.vocab_size * cfg.hidden_size * positions
     assert plan.flops == pytest.approx(want, rel=1e-12)
     assert lm_head_flops(10, 4, 3) == 4 * 10 * 4 * 3
+
+
+def test_scenario_quality_eval_names_its_replacement():
+    from conftest import make_scenario
+
+    from fedsim.scenario import ScenarioError
+
+    with pytest.raises(ScenarioError, match=r"set training\.validation_examples"):
+        make_scenario(training={"quality_eval": True})
+    assert make_scenario().training.validation_examples == 8
+    with pytest.raises(ScenarioError, match="validation_examples"):
+        make_scenario(training={"validation_examples": -1})
