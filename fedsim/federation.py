@@ -219,7 +219,8 @@ class LoraWorkload(Workload):
             len(self.task.label_names) if self.task.label_names else None, sc.seed,
             **(carrier := make_transfer(transfer)).server_options(),
             probe_examples=probe if labelled else (), max_length=self.cfg.max_length,
-            batch_size=self.cfg.batch_size, dataset=self.task.name)
+            batch_size=self.cfg.batch_size, dataset=self.task.name,
+            zero_head=not sc.server.linear_probe)
         texts = [e.text for e in probe]
         for model, fam in self.families.items():
             carrier.prepare(server, model, fam.trainer, roles=self.cfg.target_roles,

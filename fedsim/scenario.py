@@ -148,7 +148,8 @@ class ServerConfig(Config):
     # texts are the projectors' probe corpus (unlabelled use) ...
     probe_examples: int = Field(default=200, ge=1)
     # ... and, for classification, their labels fit the server's head as a linear probe on the
-    # frozen model: the server's starting point. false: the head as initialized by the seed.
+    # frozen model: the server's starting point. false (no labelled server data): the head's
+    # final layer starts at zero, so what it tells apart comes from the clients' updates.
     linear_probe: bool = True
     workers: int = Field(default=1, ge=1, le=1024)  # ingress workers (simpy.Resource capacity)
     queue_capacity: int = Field(default=100, ge=0)  # waiting updates beyond which we drop

@@ -122,14 +122,18 @@ class ServerModel:
     ``model``, ``tokenizer`` and ``spec`` make it a model a projector can be fitted against.
     ``probe_examples`` (labelled, server-side; classification only): the head's final linear
     layer is fitted on the frozen model's features as a linear probe, so the "no update"
-    baseline is a sensible classifier rather than a random head.
+    baseline is a sensible classifier rather than a random head. ``zero_head`` (no labelled
+    server data, ``server.linear_probe: false``): the head's final layer starts at zero, so the
+    start scores every class (or choice) alike and whatever the head then tells apart comes
+    from the clients' projected head updates, not from a random draw or the server's labels.
     """
 
     def __init__(self, model_name: str, task: str,
                  num_labels: int | None = None, seed: int = 0, *, projector: str = "lstsq",
                  projector_options: Mapping[str, Any] | None = None,
                  probe_examples: Sequence[Example] = (), max_length: int = 64,
-                 batch_size: int = 16, dataset: str | None = None) -> None:
+                 batch_size: int = 16, dataset: str | None = None,
+                 zero_head: bool = False) -> None:
         arch = model_source(model_name).spec.architecture
         if arch not in ROLE_MODULES:
             raise FedsimError(f"server model {model_name!r}: no module role map for {arch!r}")
@@ -152,6 +156,11 @@ class ServerModel:
         self._merged: set[str] = set()  # weight keys aggregation has changed
         if probe_examples:
             self.fit_linear_probe(probe_examples)
+        elif zero_head and self.head is not None:  # no labelled server data: see the class text
+            with torch.no_grad():
+                for key in (self.head + ".weight", self.head + ".bias"):
+                    if key in self._weights:
+                        self._weights[key].zero_()
         self.adapter = self.trainer.current_adapter()  # the head as evaluation applies it
 
     # -- state --------------------------------------------------------------------------------

@@ -200,3 +200,23 @@ def test_minilm_to_mpnet_base_end_to_end(tmp_path, monkeypatch):
           f"accuracy {baseline['accuracy']:.3f} -> {after['accuracy']:.3f}")
     assert baseline["accuracy"] > 0.4  # the probe beats chance (0.2) well
     assert 0.0 <= after["accuracy"] <= 1.0
+
+
+def test_without_labelled_server_data_the_head_starts_at_zero_and_learns_from_clients():
+    """``server.linear_probe: false``: the start scores every class alike (no probe, no random
+    draw), and the merged head is the clients' projected head update alone."""
+    data = bbc()
+    server = ServerModel("tiny-mpnet", "classification", 5, seed=0, max_length=32,
+                         projector_options={"use_cache": False, "max_length": 32}, zero_head=True)
+    head = server.weights()["classifier.out_proj.weight"]
+    assert not head.any() and not server.weights()["classifier.out_proj.bias"].any()
+    trainer = FamilyTrainer("tiny-bert", "classification", 5, CFG, seed=0)
+    server.add_family("tiny-bert", trainer, roles=CFG.target_roles,
+                      lora_scale=CFG.lora_alpha / CFG.lora_r,
+                      probe_texts=[e.text for e in data.train[200:212]])
+    start, delta = client_update(trainer, data, 0)
+    projected = server.project("tiny-bert", start, delta)
+    server.apply([ClientResult(0, projected, num_samples=8, quality=0.1)],
+                 make_aggregator(TaskArithmeticConfig()))
+    torch.testing.assert_close(server.weights()["classifier.out_proj.weight"],
+                               projected["classifier.out_proj.weight"])
