@@ -85,10 +85,14 @@ def test_same_seed_same_summary_and_events(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_one_round_real_models(tmp_path):
-    """The README's scenario with the real packaged minilm-l6, one round, end to end."""
+    """The README's scenario with the real packaged minilm-l6 and mpnet-base, one round, end to
+    end: fewer clients and evaluation examples than the README runs (the suite's time), the
+    same models, data, projection and processes."""
     out = tmp_path / "qs"
+    small = [a for kv in ("rounds=1", "clients.0.count=4", "clients.1.count=2",
+                          "clients.2.count=2", "task.eval_examples=50") for a in ("--set", kv)]
     r = subprocess.run([sys.executable, "-m", "fedsim", "run", ROOT / "scenarios/quickstart.yaml",
-                        "--set", "rounds=1", "--out", out], capture_output=True, text=True,
+                        *small, "--out", out], capture_output=True, text=True,
                        timeout=900, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
