@@ -187,7 +187,7 @@ def compare(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float = 0.0
             by_variant["standalone"] = references.standalone(wl, scenario.rounds, metric)
         if "centralized" in refs:
             per_round = references.examples_by_round(
-                [r["aggregated"] for r in sim.rec.rounds], _steps_per_update(wl),
+                [r["aggregated"] for r in sim.rec.rounds], references.steps_per_update(wl),
                 scenario.training.batch_size)
             by_variant["centralized"] = references.centralized(wl, head, per_round, metric)
     finally:
@@ -195,16 +195,6 @@ def compare(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float = 0.0
     if "homogeneous" in refs:
         by_variant["homogeneous"] = references.homogeneous(scenario)
     return Comparison(metric, by_variant, result)
-
-
-def _steps_per_update(wl: LoraWorkload) -> int:
-    """Optimizer steps of one client update: ``local_steps``, or with ``local_epochs`` the
-    full batches of a mean-sized partition times the epochs."""
-    t = wl.scenario.training
-    if t.local_epochs is None:
-        return t.local_steps
-    mean_n = sum(len(p) for p in wl.parts) / max(len(wl.parts), 1)
-    return t.local_epochs * max(int(mean_n) // t.batch_size, 1)
 
 
 def _csv_text(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:

@@ -54,6 +54,16 @@ def examples_by_round(aggregated: Sequence[int], local_steps: int, batch_size: i
     return [n * local_steps * batch_size for n in aggregated]
 
 
+def steps_per_update(wl: LoraWorkload) -> int:
+    """Optimizer steps of one client update: ``local_steps``, or with ``local_epochs`` the
+    full batches of a mean-sized partition times the epochs."""
+    t = wl.scenario.training
+    if t.local_epochs is None:
+        return t.local_steps
+    mean_n = sum(len(p) for p in wl.parts) / max(len(wl.parts), 1)
+    return t.local_epochs * max(int(mean_n) // t.batch_size, 1)
+
+
 def _head_keys(adapter: dict[str, torch.Tensor]) -> list[str]:
     return [k for k in adapter if ".lora_" not in k]
 
