@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a scenario key (repeatable)")
     cmp_.add_argument("--projectors", default="pad,orthogonal,lstsq",
-                      help="comma-separated projectors (default: pad,orthogonal,lstsq)")
+                      help="comma-separated projectors, each optionally +lars (that one "
+                      "variant with LARS whatever --lars says; default: pad,orthogonal,lstsq)")
     cmp_.add_argument("--lars", default="both", choices=("off", "on", "both"),
                       help="variants without LARS, with it, or both (default)")
     cmp_.add_argument("--lars-eta", type=float, default=0.01,
@@ -290,12 +291,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from fedsim.comparison import RepeatedComparison, compare, variants, write_comparison
+    from fedsim import comparison
     from fedsim.references import parse_references
     from fedsim.scenario import load
 
     sc = load(args.scenario, args.overrides)
-    chosen = variants([p.strip() for p in args.projectors.split(",") if p.strip()], args.lars)
+    chosen = comparison.variants([p.strip() for p in args.projectors.split(",") if p.strip()],
+                                 args.lars)
     refs = parse_references(args.references)
     if not args.lars_eta > 0:
         raise FedsimError(f"--lars-eta: must be > 0, got {args.lars_eta}")
@@ -310,15 +312,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
         bar = tqdm(total=s.rounds, unit="round", desc=desc, disable=args.quiet or None,
                    file=sys.stderr)
         try:
-            runs.append(compare(s, chosen, args.lars_eta,
-                                progress=lambda done, bar=bar: bar.update(done - bar.n),
-                                refs=refs))
+            comp, kept = comparison.compare_kept(
+                s, chosen, args.lars_eta, refs,
+                comparison.seed_dir(out, None if args.seeds is None else s.seed),
+                progress=lambda done, bar=bar: bar.update(done - bar.n))
         finally:
             bar.close()
-    comp = runs[0] if args.seeds is None else RepeatedComparison(runs)
-    paths = write_comparison(comp, out)
+        if kept and not args.quiet:
+            print(f"{desc}: kept from "
+                  f"{comparison.seed_dir(out, None if args.seeds is None else s.seed)}/ "
+                  "(same scenario, variants and references)", file=sys.stderr)
+        runs.append(comp)
+    rep = comparison.RepeatedComparison(runs)
+    paths = comparison.write_comparison(runs[0] if args.seeds is None else rep, out)
     if not args.quiet:
-        rep = comp if isinstance(comp, RepeatedComparison) else RepeatedComparison([comp])
         print(rep.caption())
         print(rep.markdown())
         dirs = "run/" if args.seeds is None else ", ".join(f"seed={k}/" for k in rep.seeds)

@@ -20,13 +20,20 @@ run directory is ``seed=K/`` (the sweeps' naming), and the numbers are intervals
   standard deviation and the 95% t-interval of the mean (``fedsim.intervals``; with one seed
   the value, NaN spread);
 - ``comparison_by_seed.csv``: ``seed, variant, round, <metric>``, every seed's own value;
-- ``comparison.md``: ``mean ± half-width`` per cell (the value alone for one seed).
+- ``comparison.md``: ``mean ± half-width`` per cell (the value alone for one seed), and per row
+  the bytes its federation sent up and the simulated time to its final round (``-`` where the
+  row moves no bytes: ``start``, ``standalone``, ``centralized``).
+
+Each seed's comparison is kept beside its run directory (``seed=K/comparison.json``, written
+after the run directory, so its presence means complete); a rerun of the same command keeps the
+seeds already finished with the same resolved scenario, variants and references, as sweeps do.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,17 +60,45 @@ class Variant:
         return self.projector + ("+lars" if self.lars else "")
 
 
+COST_KEYS = ("bytes_up", "sim_time_s")  # per row: what its federation cost, to the last round
+
+
+def run_cost(summary: dict) -> dict[str, float]:
+    """Bytes up (all rounds) and simulated time to the final round of one run's summary."""
+    return {"bytes_up": float(summary["comm"]["bytes_up"]),
+            "sim_time_s": float(summary["sim_time_s"])}
+
+
 @dataclass
 class Comparison:
-    """The metric of each variant after each round (``START``: one value, before round 0)."""
+    """The metric of each variant after each round (``START``: one value, before round 0).
+
+    ``costs``: per row that runs a federation, :data:`COST_KEYS` (the projector variants share
+    one run's; ``homogeneous`` has its own). ``result``: the shared run (None when the
+    comparison was read back from ``comparison.json``)."""
 
     metric: str
     by_variant: dict[str, list[float]]
-    result: RunResult
+    seed: int
+    costs: dict[str, dict[str, float]]
+    result: RunResult | None = None
 
-    @property
-    def seed(self) -> int:
-        return int(self.result.summary["seed"])
+    def to_json(self, key: dict) -> str:
+        """The comparison and the ``key`` it answers (see :func:`comparison_key`)."""
+        return json.dumps({"key": key, "metric": self.metric, "seed": self.seed,
+                           "by_variant": self.by_variant, "costs": self.costs},
+                          indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def read(cls, path: Path, key: dict) -> Comparison | None:
+        """The comparison kept at ``path`` if it answers ``key``, else None."""
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if d.get("key") != key:
+            return None
+        return cls(d["metric"], d["by_variant"], int(d["seed"]), d["costs"])
 
     def rows(self) -> list[dict[str, object]]:
         """The rows of comparison_by_seed.csv: ``seed, variant, round, <metric>``."""
@@ -114,15 +149,29 @@ class RepeatedComparison:
         """The rows of comparison_by_seed.csv, seed by seed."""
         return [row for c in self.runs for row in c.rows()]
 
+    def cost_intervals(self, scale: dict[str, float] | None = None
+                       ) -> dict[str, dict[str, Interval]]:
+        """Per row with a federation: the interval over seeds of each of :data:`COST_KEYS`
+        (each value times ``scale[key]``, default 1)."""
+        scale = scale or {}
+        names = dict.fromkeys(v for c in self.runs for v in c.costs)
+        return {v: {k: t_interval(c.costs[v][k] * scale.get(k, 1.0)
+                                  for c in self.runs if v in c.costs)
+                    for k in COST_KEYS} for v in names}
+
     def markdown(self) -> str:
         """One row per variant, one column per round, each cell ``mean ± half-width`` (the
-        value alone for one seed); ``start`` fills every column."""
-        ivs = self.intervals()
+        value alone for one seed); ``start`` fills every column. Then MB up and the simulated
+        seconds to the final round (``-``: the row runs no federation)."""
+        ivs, costs = self.intervals(), self.cost_intervals({"bytes_up": 1e-6})
         rounds = max(len(xs) for xs in ivs.values())
-        head = ["variant"] + [f"round {r}" for r in range(rounds)]
+        head = ["variant"] + [f"round {r}" for r in range(rounds)] + ["MB up", "sim time s"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for v, xs in ivs.items():
             cells = [iv.text("{:.3f}") for iv in (xs * rounds if v == START else xs)]
+            c = costs.get(v)
+            cells += ([c["bytes_up"].text("{:.2f}"), c["sim_time_s"].text("{:.1f}")]
+                      if c else ["-", "-"])
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -136,15 +185,20 @@ class RepeatedComparison:
 
 
 def variants(projectors: Sequence[str], lars: str) -> list[Variant]:
-    """``lars``: ``off``, ``on`` or ``both`` (each projector without, then with)."""
-    unknown = [p for p in projectors if p not in PROJECTORS]
-    if unknown:
-        raise FedsimError(f"--projectors: unknown {', '.join(unknown)}; known: "
-                          f"{', '.join(PROJECTORS.names())}")
+    """``lars``: ``off``, ``on`` or ``both`` (each projector without, then with). A name
+    ``<projector>+lars`` is that one variant with LARS whatever ``lars`` says, so a study can
+    name its rows: ``pad,orthogonal,lstsq,lstsq+lars`` with ``off``."""
     flags = {"off": (False,), "on": (True,), "both": (False, True)}
     if lars not in flags:
         raise FedsimError(f"--lars: expected off, on or both, got {lars!r}")
-    return [Variant(p, f) for p in projectors for f in flags[lars]]
+    out: list[Variant] = []
+    for name in projectors:
+        base, plus, suffix = name.partition("+")
+        if base not in PROJECTORS or (plus and suffix != "lars"):
+            raise FedsimError(f"--projectors: unknown {name}; known: "
+                              f"{', '.join(PROJECTORS.names())} (each optionally +lars)")
+        out += [Variant(base, True)] if plus else [Variant(base, f) for f in flags[lars]]
+    return list(dict.fromkeys(out))
 
 
 def compare(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float = 0.01,
@@ -176,13 +230,16 @@ def compare(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float = 0.0
                              ) if v.lars else agg
         wl.add_server(v.name, transfer.model_copy(update={"projector": projector}), cfg)
     metric = wl.primary_metric()
-    start = wl.evaluate_servers()[metric]  # every variant starts from the same model
+    # Every variant starts from the same model: one evaluation stands for all of them.
+    start = wl.servers.primary.model.evaluate(wl.eval_examples)[metric]
     head = references.start_head(wl)
     by_variant = {START: [start]}
+    costs: dict[str, dict[str, float]] = {}
     try:
         result = sim.run(progress)
         for v in chosen:
             by_variant[v.name] = [q[f"{v.name}/{metric}"] for q in sim.quality_by_round]
+            costs[v.name] = run_cost(result.summary)
         if "standalone" in refs:
             by_variant["standalone"] = references.standalone(wl, scenario.rounds, metric)
         if "centralized" in refs:
@@ -193,8 +250,40 @@ def compare(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float = 0.0
     finally:
         wl.close()
     if "homogeneous" in refs:
-        by_variant["homogeneous"] = references.homogeneous(scenario)
-    return Comparison(metric, by_variant, result)
+        by_variant["homogeneous"], summary = references.homogeneous(scenario)
+        costs["homogeneous"] = run_cost(summary)
+    return Comparison(metric, by_variant, scenario.seed, costs, result)
+
+
+def comparison_key(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float,
+                   refs: Sequence[str]) -> dict:
+    """What one seed's comparison answers: a kept one is reused only for the same key."""
+    return {"scenario": scenario.to_yaml(), "variants": [v.name for v in chosen],
+            "lars_eta": lars_eta, "references": list(refs)}
+
+
+def seed_dir(out: Path, seed: int | None) -> Path:
+    """The run directory of one comparison: ``run/`` alone, ``seed=K/`` with ``--seeds``."""
+    return Path(out) / ("run" if seed is None else f"seed={seed}")
+
+
+def compare_kept(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float,
+                 refs: Sequence[str], run_dir: Path,
+                 progress: Callable[[int], None] | None = None) -> tuple[Comparison, bool]:
+    """:func:`compare`, unless ``run_dir`` already holds the same comparison: then that one
+    (and True). A new one is written there at once: its run directory, then comparison.json."""
+    from fedsim.metrics import write_run_dir
+
+    key = comparison_key(scenario, chosen, lars_eta, refs)
+    kept = Comparison.read(run_dir / "comparison.json", key)
+    if kept is not None and (run_dir / "summary.json").exists():
+        return kept, True
+    comp = compare(scenario, chosen, lars_eta, progress, refs)
+    assert comp.result is not None
+    write_run_dir(comp.result, run_dir)
+    with atomic_file(run_dir / "comparison.json") as tmp:
+        tmp.write_text(comp.to_json(key), encoding="utf-8")
+    return comp, False
 
 
 def _csv_text(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
@@ -208,19 +297,13 @@ def _csv_text(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
 def write_comparison(comp: Comparison | RepeatedComparison, out: Path) -> list[Path]:
     """``comparison.csv``, ``comparison_by_seed.csv``, ``comparison.md`` and
     ``plots/comparison.png`` under ``out`` (each written atomically), beside the run
-    directories: ``run/`` for one Comparison, ``seed=K/`` per seed of a RepeatedComparison."""
-    from fedsim.metrics import write_run_dir
+    directories (:func:`compare_kept` writes them): ``run/`` for one Comparison, ``seed=K/``
+    per seed of a RepeatedComparison."""
     from fedsim.plots import comparison
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(comp, Comparison):
-        write_run_dir(comp.result, out / "run")
-        rep = RepeatedComparison([comp])
-    else:
-        rep = comp
-        for c in rep.runs:
-            write_run_dir(c.result, out / f"seed={c.seed}")
+    rep = RepeatedComparison([comp]) if isinstance(comp, Comparison) else comp
     files = {
         "comparison.csv": _csv_text(rep.rows(), ["variant", "round",
                                                  *(rep.metric + s for s in SUFFIXES)]),

@@ -189,6 +189,7 @@ class LoraWorkload(Workload):
         self.validation = validation_splits(scenario, self.parts)
         self._downloaded: dict[int, Adapter] = {}  # the adapter each client trains from
         self.servers = ServerSet()
+        self._start_head: dict[str, torch.Tensor] | None = None  # see add_server
         if scenario.server.model is not None:
             self.add_server("server", scenario.transfer, scenario.aggregation)
         # Each client's data against the federation's, by measure (classes, or target lengths).
@@ -214,13 +215,21 @@ class LoraWorkload(Workload):
         sc = self.scenario
         probe = self.server_probe()
         labelled = sc.server.linear_probe and TASKS.get(self.task.task).has_classes
+        # The probe is fitted once: every server starts from the same head (same model, task,
+        # seed and probe examples), so later variants take a copy (an mpnet-base probe on 200
+        # examples is ~11 s of forward passes here).
+        start_head = self._start_head
         server = ServerModel(
             sc.server.model, self.task.task,
             len(self.task.label_names) if self.task.label_names else None, sc.seed,
             **(carrier := make_transfer(transfer)).server_options(),
-            probe_examples=probe if labelled else (), max_length=self.cfg.max_length,
-            batch_size=self.cfg.batch_size, dataset=self.task.name,
-            zero_head=not sc.server.linear_probe)
+            probe_examples=probe if labelled and start_head is None else (),
+            max_length=self.cfg.max_length, batch_size=self.cfg.batch_size,
+            dataset=self.task.name, zero_head=not sc.server.linear_probe)
+        if start_head is None:
+            self._start_head = server.head_weights()
+        else:
+            server.load_head(start_head)
         texts = [e.text for e in probe]
         for model, fam in self.families.items():
             carrier.prepare(server, model, fam.trainer, roles=self.cfg.target_roles,

@@ -136,8 +136,10 @@ def homogeneous_scenario(sc: Scenario) -> Scenario:
         "aggregation": AGGREGATORS.parse({"name": "fedavg"})})
 
 
-def homogeneous(sc: Scenario, progress: Callable[[int], None] | None = None) -> list[float]:
-    """The primary metric per round of the all-server-model FedAvg federation."""
+def homogeneous(sc: Scenario, progress: Callable[[int], None] | None = None
+                ) -> tuple[list[float], dict]:
+    """The primary metric per round of the all-server-model FedAvg federation, and that run's
+    summary (its bytes and simulated time: the server's model is bigger on every link)."""
     from fedsim.engine import Simulation
 
     sim = Simulation(homogeneous_scenario(sc))
@@ -146,5 +148,5 @@ def homogeneous(sc: Scenario, progress: Callable[[int], None] | None = None) -> 
     finally:
         sim.workload.close()
     metric = result.summary["quality"]["metric"]
-    return [q[metric] for q in sim.quality_by_round]
+    return [q[metric] for q in sim.quality_by_round], result.summary
 

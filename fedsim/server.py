@@ -181,6 +181,21 @@ class ServerModel:
         self._merged = set(weights)
         self.adapter = self.trainer.current_adapter()
 
+    def head_weights(self) -> dict[str, torch.Tensor]:
+        """The head's final layer (weight, bias) as it is now: copies."""
+        if self.head is None:
+            return {}
+        return {k: self._weights[k].detach().clone() for k in
+                (self.head + ".weight", self.head + ".bias") if k in self._weights}
+
+    def load_head(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Set the head's final layer to ``weights`` (from :meth:`head_weights` of a server
+        built the same way: the probe fitted once serves every variant)."""
+        with torch.no_grad():
+            for k, v in weights.items():
+                self._weights[k].copy_(v)
+        self.adapter = self.trainer.current_adapter()
+
     def fit_linear_probe(self, examples: Sequence[Example], l2: float = 1e-3) -> None:
         """Fit the head's final linear layer on the frozen features of labelled ``examples``."""
         if not self.trainer.task.has_classes or self.head is None:

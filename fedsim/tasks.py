@@ -151,7 +151,8 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, trainer: FamilyTrainer, examples: Sequence[Example]) -> dict[str, float]:
-        """``metrics`` of the trainer's model as it is now on ``examples`` (non-empty)."""
+        """``metrics`` of the trainer's model as it is now on ``examples`` (non-empty); with
+        ``loss`` where the scoring pass gives it for free (else the trainer adds a loss pass)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,14 +178,19 @@ class _Choosing(Task):
         """K: the outputs an example chooses among (the confusion matrix's size)."""
 
     def evaluate(self, trainer: FamilyTrainer, examples: Sequence[Example]) -> dict[str, float]:
-        size, predicted = trainer.cfg.batch_size, []
+        """``loss`` too: the mean of per-batch losses, from the logits the choices are read from
+        (one forward pass where a loss pass and a scoring pass would give the same logits)."""
+        size, predicted, losses = trainer.cfg.batch_size, [], []
         for i in range(0, len(examples), size):
-            batch, _ = trainer.inputs(examples[i:i + size])
-            predicted += trainer.model(**batch).logits.argmax(-1).tolist()
+            batch, targets = trainer.inputs(examples[i:i + size])
+            logits = trainer.model(**batch).logits
+            losses.append(self.loss(logits, targets).item())
+            predicted += logits.argmax(-1).tolist()
         truth = [e.label for e in examples]
         confusion = confusion_matrix(truth, predicted,
                                      labels=range(self.num_choices(trainer, examples)))
-        return {"accuracy": float(np.trace(confusion) / len(examples)),
+        return {"loss": float(np.mean(losses)),
+                "accuracy": float(np.trace(confusion) / len(examples)),
                 "macro_f1": macro_f1(truth, predicted)}
 
 

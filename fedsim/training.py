@@ -432,4 +432,7 @@ class FamilyTrainer:
         examples = list(examples[:limit])
         if not examples:
             raise FedsimError("evaluate needs at least one example")
-        return {"loss": self._mean_loss(examples)} | self.task.evaluate(self, examples)
+        metrics = self.task.evaluate(self, examples)
+        if "loss" in metrics:  # scored in the same pass (classification, multiple choice)
+            return metrics
+        return {"loss": self._mean_loss(examples)} | metrics

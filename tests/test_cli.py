@@ -225,8 +225,8 @@ training: {local_steps: 1, batch_size: 8, max_length: 16}
 
 @pytest.mark.slow
 def test_compare_seeds_runs_once_per_seed_and_reports_the_interval(tmp_path):
-    """Tiny real models, one projector, one round, two seeds (about a minute on 2 cores; the
-    files' contents are checked by hand in test_comparison.py, in milliseconds)."""
+    """Tiny real models, one projector, one round, two seeds then three (the two kept; about a
+    minute on 2 cores; the files' contents are checked by hand in test_comparison.py)."""
     p = tmp_path / "s.yaml"
     p.write_text(TINY_REAL)
     out = tmp_path / "cmp"
@@ -251,3 +251,13 @@ def test_compare_seeds_runs_once_per_seed_and_reports_the_interval(tmp_path):
     assert float(pad["accuracy.ci95_high"]) - mean == pytest.approx(half, rel=1e-4, abs=1e-12)
     assert pad["accuracy.n"] == "2"
     assert (out / "plots" / "comparison.png").is_file()
+    # A third seed: the two finished ones are kept (not rerun), the table spans all three.
+    before = (out / "seed=0" / "events.csv").stat().st_mtime_ns
+    r = fedsim("compare", p, "--projectors", "pad", "--lars", "off", "--seeds", 3, "--out", out,
+               "--references", "none")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("kept from") == 2 and "seed=2/" not in r.stderr
+    assert (out / "seed=0" / "events.csv").stat().st_mtime_ns == before
+    assert "over 3 seeds (0, 1, 2" in r.stdout
+    assert len([row for row in csv.DictReader((out / "comparison_by_seed.csv").open())
+                if row["variant"] == "pad"]) == 3

@@ -10,7 +10,16 @@ import math
 
 import pytest
 
-from fedsim.comparison import START, Comparison, RepeatedComparison, write_comparison
+from fedsim import comparison as comparison_mod
+from fedsim.comparison import (
+    START,
+    Comparison,
+    RepeatedComparison,
+    Variant,
+    compare_kept,
+    run_cost,
+    write_comparison,
+)
 from fedsim.engine import run
 from fedsim.plots import plot_dir
 from fedsim.scenario import validate
@@ -30,10 +39,23 @@ VALUES = {0: {START: [0.40], "pad": [0.50, 0.60], "lstsq": [0.55, 0.65]},
           2: {START: [0.40], "pad": [0.47, 0.63], "lstsq": [0.55, 0.65]}}
 
 
+# Per seed: what the shared run and the homogeneous federation cost (bytes up, sim seconds).
+COSTS = {0: {"pad": {"bytes_up": 2.0e6, "sim_time_s": 10.0},
+             "homogeneous": {"bytes_up": 8.0e6, "sim_time_s": 30.0}},
+         1: {"pad": {"bytes_up": 3.0e6, "sim_time_s": 12.0},
+             "homogeneous": {"bytes_up": 9.0e6, "sim_time_s": 33.0}},
+         2: {"pad": {"bytes_up": 4.0e6, "sim_time_s": 14.0},
+             "homogeneous": {"bytes_up": 10.0e6, "sim_time_s": 36.0}}}
+
+
+def comparison(seed, metric="accuracy"):
+    values = {**VALUES[seed], "homogeneous": [0.6, 0.7]}
+    return Comparison(metric, values, seed, COSTS[seed], synthetic_result(seed))
+
+
 @pytest.fixture(scope="module")
 def repeated():
-    return RepeatedComparison([Comparison("accuracy", VALUES[s], synthetic_result(s))
-                               for s in VALUES])
+    return RepeatedComparison([comparison(s) for s in VALUES])
 
 
 def read(path):
@@ -43,7 +65,7 @@ def read(path):
 
 def test_intervals_per_variant_and_round_by_hand(repeated):
     ivs = repeated.intervals()
-    assert list(ivs) == [START, "pad", "lstsq"] and repeated.seeds == [0, 1, 2]
+    assert list(ivs) == [START, "pad", "lstsq", "homogeneous"] and repeated.seeds == [0, 1, 2]
     for r in range(2):
         xs = [VALUES[s]["pad"][r] for s in VALUES]
         mean = sum(xs) / 3
@@ -62,15 +84,14 @@ def test_write_repeated_comparison_files(repeated, tmp_path):
     paths = write_comparison(repeated, out)
     assert [p.name for p in paths] == ["comparison.csv", "comparison_by_seed.csv",
                                        "comparison.md", "comparison.png"]
-    assert sorted(p.name for p in out.iterdir() if (p / "summary.json").is_file()) == [
-        "seed=0", "seed=1", "seed=2"]
-    assert not (out / "run").exists()
+    assert not (out / "run").exists()  # run directories are compare_kept's
 
     rows = read(out / "comparison.csv")
     assert list(rows[0]) == ["variant", "round", "accuracy", "accuracy.std",
                              "accuracy.ci95_low", "accuracy.ci95_high", "accuracy.n"]
     assert [(r["variant"], r["round"]) for r in rows] == [
-        (START, "0"), ("pad", "0"), ("pad", "1"), ("lstsq", "0"), ("lstsq", "1")]
+        (START, "0"), ("pad", "0"), ("pad", "1"), ("lstsq", "0"), ("lstsq", "1"),
+        ("homogeneous", "0"), ("homogeneous", "1")]
     pad1 = repeated.intervals()["pad"][1]
     assert float(rows[2]["accuracy"]) == pytest.approx(pad1.mean)
     assert float(rows[2]["accuracy.ci95_low"]) == pytest.approx(pad1.low)
@@ -80,8 +101,9 @@ def test_write_repeated_comparison_files(repeated, tmp_path):
 
     by_seed = read(out / "comparison_by_seed.csv")
     assert list(by_seed[0]) == ["seed", "variant", "round", "accuracy"]
-    assert len(by_seed) == 3 * 5
-    assert {(r["seed"], r["variant"], r["round"]): float(r["accuracy"]) for r in by_seed} == {
+    assert len(by_seed) == 3 * 7
+    assert {(r["seed"], r["variant"], r["round"]): float(r["accuracy"]) for r in by_seed
+            if r["variant"] != "homogeneous"} == {
         (str(s), v, str(i)): x for s, vs in VALUES.items() for v, xs in vs.items()
         for i, x in enumerate(xs)}
 
@@ -89,32 +111,88 @@ def test_write_repeated_comparison_files(repeated, tmp_path):
     assert md.startswith("server accuracy per round (start: before any update): mean ± 95% "
                          "half-width over 3 seeds (0, 1, 2; Student t, n=3)")
     assert f"| pad | {repeated.intervals()['pad'][0].text()} |" in md
-    assert "| lstsq | 0.550 ± 0.000 | 0.650 ± 0.000 |" in md
-    assert "| start | 0.400 ± 0.000 | 0.400 ± 0.000 |" in md
+    # Costs: pad's run sent 2, 3, 4 MB (mean 3, s = 1) in 10, 12, 14 s (mean 12, s = 2); lstsq
+    # has no cost of its own recorded here, start none at all.
+    h_mb, h_s = T975_DF2 * 1 / math.sqrt(3), T975_DF2 * 2 / math.sqrt(3)
+    assert md.splitlines()[2].endswith(" | MB up | sim time s |")
+    assert (f"| pad | {repeated.intervals()['pad'][0].text()} | "
+            f"{repeated.intervals()['pad'][1].text()} | 3.00 ± {h_mb:.2f} | 12.0 ± {h_s:.1f} |"
+            in md)
+    assert "| homogeneous | 0.600 ± 0.000 | 0.700 ± 0.000 | 9.00 ± " in md
+    assert "| lstsq | 0.550 ± 0.000 | 0.650 ± 0.000 | - | - |" in md
+    assert "| start | 0.400 ± 0.000 | 0.400 ± 0.000 | - | - |" in md
 
     png = out / "plots" / "comparison.png"
     assert png.stat().st_size > 10_000
     assert plot_dir(out) == [png]
 
 
-def test_one_comparison_keeps_run_dir_and_bare_table(tmp_path):
-    one = Comparison("accuracy", VALUES[1], synthetic_result(1))
+def test_one_comparison_bare_table(tmp_path):
+    one = Comparison("accuracy", VALUES[1], 1, {"pad": COSTS[1]["pad"]}, synthetic_result(1))
     out = tmp_path / "cmp"
     write_comparison(one, out)
-    assert (out / "run" / "summary.json").is_file() and not (out / "seed=1").exists()
     rows = read(out / "comparison.csv")
     assert [float(r["accuracy"]) for r in rows if r["variant"] == "pad"] == [0.52, 0.66]
     assert rows[1]["accuracy.n"] == "1" and rows[1]["accuracy.ci95_low"] == "nan"
     assert [r["seed"] for r in read(out / "comparison_by_seed.csv")] == ["1"] * 5
     md = (out / "comparison.md").read_text()
     assert md == one.markdown() + "\n" and "±" not in md
-    assert md.splitlines()[2] == "| start | 0.400 | 0.400 |"
+    assert md.splitlines()[2] == "| start | 0.400 | 0.400 | - | - |"
+    assert md.splitlines()[3].endswith("| 0.520 | 0.660 | 3.00 | 12.0 |")
+
+
+def test_run_cost_reads_bytes_up_and_sim_time_of_a_summary():
+    res = synthetic_result(0)
+    assert run_cost(res.summary) == {"bytes_up": float(res.summary["comm"]["bytes_up"]),
+                                     "sim_time_s": float(res.summary["sim_time_s"])}
+    assert run_cost(res.summary)["bytes_up"] > 0 and run_cost(res.summary)["sim_time_s"] > 0
+
+
+def test_a_finished_seed_is_kept_and_a_changed_one_reruns(tmp_path, monkeypatch):
+    """compare_kept writes the run directory, then comparison.json; the same key reads it back
+    without running; another key (here lars_eta) or a missing run directory runs again."""
+    calls = []
+
+    def fake_compare(scenario, chosen, lars_eta, progress, refs):
+        calls.append(lars_eta)
+        return comparison(scenario.seed)
+
+    monkeypatch.setattr(comparison_mod, "compare", fake_compare)
+    scen = validate({"name": "cmp", "seed": 2, "rounds": 2, "workload": {"name": "synthetic"},
+                     "clients": [{"profile": "laptop", "count": 2}]})
+    chosen, run_dir = [Variant("pad", False)], tmp_path / "seed=2"
+    first, kept = compare_kept(scen, chosen, 0.01, ["homogeneous"], run_dir)
+    assert not kept and calls == [0.01]
+    assert (run_dir / "summary.json").is_file() and (run_dir / "comparison.json").is_file()
+    again, kept = compare_kept(scen, chosen, 0.01, ["homogeneous"], run_dir)
+    assert kept and calls == [0.01] and again.result is None
+    assert (again.metric, again.seed, again.by_variant, again.costs) == (
+        first.metric, first.seed, first.by_variant, first.costs)
+    _, kept = compare_kept(scen, chosen, 0.02, ["homogeneous"], run_dir)
+    assert not kept and calls == [0.01, 0.02]
+    (run_dir / "summary.json").unlink()
+    _, kept = compare_kept(scen, chosen, 0.02, ["homogeneous"], run_dir)
+    assert not kept and calls == [0.01, 0.02, 0.02]
 
 
 def test_seeds_that_measured_different_metrics_are_refused():
     from fedsim.errors import FedsimError
 
-    res = synthetic_result(0)
     with pytest.raises(FedsimError, match="different metrics"):
-        RepeatedComparison([Comparison("accuracy", VALUES[0], res),
-                            Comparison("macro_f1", VALUES[0], res)])
+        RepeatedComparison([comparison(0), comparison(1, "macro_f1")])
+
+
+def test_variants_from_projectors_lars_flags_and_plus_lars_names():
+    from fedsim.comparison import variants
+    from fedsim.errors import FedsimError
+
+    names = [v.name for v in variants(["pad", "lstsq"], "both")]
+    assert names == ["pad", "pad+lars", "lstsq", "lstsq+lars"]
+    names = [v.name for v in variants(["pad", "orthogonal", "lstsq", "lstsq+lars"], "off")]
+    assert names == ["pad", "orthogonal", "lstsq", "lstsq+lars"]
+    assert [v.name for v in variants(["lstsq", "lstsq+lars"], "on")] == ["lstsq+lars"]
+    for bad, msg in ((["lsq"], "unknown lsq"), (["lstsq+clip"], r"unknown lstsq\+clip")):
+        with pytest.raises(FedsimError, match=msg):
+            variants(bad, "off")
+    with pytest.raises(FedsimError, match="--lars: expected off, on or both"):
+        variants(["pad"], "sometimes")
