@@ -96,6 +96,11 @@ class Channel(ABC):
         """Next time after ``t`` at which rates change by themselves (fading, trace step)."""
         return math.inf
 
+    def previous_block_s(self, t: float) -> float:
+        """A time in the channel block before the one at ``t`` (what a client has measured by
+        ``t``): ``t`` itself for channels that do not change by themselves."""
+        return t
+
     def flow_state_one(self, direction: str, client: int, t: float) -> float:
         """:meth:`flow_state` of one client (subclasses skip numpy for a single flow)."""
         return float(self.flow_state(direction, np.array([client]), t)[0])
@@ -162,6 +167,9 @@ class PathlossChannel(Channel):
         if not self.cfg.fading:
             return math.inf
         return (self._block(t) + 1) * self.cfg.coherence_time_s
+
+    def previous_block_s(self, t: float) -> float:
+        return t - self.cfg.coherence_time_s if self.cfg.fading else t
 
     def flow_state(self, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
         """Full-band SNR (linear) of each client at ``t``, fading included."""

@@ -33,6 +33,7 @@ from fedsim.metrics import PHASES, Recorder, RunResult, percentiles
 from fedsim.plugins import ROUND_POLICIES
 from fedsim.rng import key, stream
 from fedsim.scenario import Scenario
+from fedsim.selection import make_selector
 from fedsim.workload import Arrival, Deferred, Upload, Workload, make_workload
 
 GIB = 2**30
@@ -89,6 +90,7 @@ class Simulation:
         self.workload = workload or make_workload(scenario, self.fleet)
         self.executor = executor or make_executor(scenario.executor)
         self.policy = ROUND_POLICIES.get(scenario.round_policy.name)(self)
+        self.selector = make_selector(scenario.selection, self)
         n = self.fleet.size
         self.per_client = {k: np.zeros(n, dtype=np.int64) for k in
                            ("updates_sent", "updates_accepted", "failures", "bytes_up",
@@ -230,6 +232,7 @@ class Simulation:
         if sent is None:
             return self._failed(c)
         tk.arrived = True
+        self.selector.uploaded(c)
         return (yield from self._ingest(tk, sent))
 
     def _attempt(self, tk: Ticket, deadline_at: float | None, uplink: SharedLink | WiredLink,
@@ -312,6 +315,7 @@ class Simulation:
         self.rec.bytes_up_accepted += upload.nbytes
         self.rec.bytes_up_raw += upload.raw_bytes  # the same updates: a fair ratio
         self.per_client["updates_accepted"][c] += 1
+        self.selector.arrived(c, tk.num_samples, upload.loss_rms)
         return Arrival(client=c, round=tk.round, num_samples=tk.num_samples,
                        result=ing.result, carried=ing.carried, upload=upload)
 
@@ -333,11 +337,10 @@ class Simulation:
             avail = self.available()
         return avail
 
-    def select(self, candidates: np.ndarray, k: int | None) -> list[int]:
-        """``k`` distinct clients drawn uniformly among ``candidates`` (all when k is None)."""
-        if k is None or len(candidates) <= k:
-            return [int(c) for c in candidates]
-        return sorted(int(c) for c in self.select_rng.choice(candidates, size=k, replace=False))
+    def select(self, candidates: np.ndarray, k: int | None, round_: int) -> list[int]:
+        """The clients ``round_`` starts among ``candidates``, by the scenario's selector
+        (``uniform``: ``k`` distinct ones drawn uniformly, all when k is None)."""
+        return self.selector.select(candidates, k, round_)
 
     def close_round(self, round_: int, started_s: float, arrivals: list[Arrival],
                     stats: dict[str, int]) -> Generator[simpy.Event, None, None]:
@@ -469,6 +472,8 @@ class Simulation:
                 "events": rec.num_events,
                 "sim_events": self.env.events_processed,
             },
+            # What a modelling selector expected of each update against what happened.
+            **({"selection": sel} if (sel := self.selector.summary()) is not None else {}),
             "wall_time_s": wall_time_s,
         }
 

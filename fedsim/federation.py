@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -254,6 +255,12 @@ class LoraWorkload(Workload):
         self._downloaded[client] = fam.adapter  # immutable: aggregation builds a new dict
         return fam.adapter_nbytes
 
+    def download_bytes_estimate(self, client: int) -> int:
+        return self._family(client).adapter_nbytes
+
+    def upload_bytes_estimate(self, client: int) -> int:
+        return self.codec.size_bytes(codecs.shapes_of(self._family(client).adapter))
+
     def plan(self, client: int, round_: int) -> JobPlan:
         fam = self._family(client)
         p = fam.trainer.plan(self._examples(client), job_seed(self.scenario.seed, client, round_),
@@ -285,8 +292,10 @@ class LoraWorkload(Workload):
         err = codecs.relative_error(delta, enc.reconstruction)  # no decode of its own bytes
         sent = Sent(self.fleet.model[client], update.num_samples,
                     update.loss_before - update.loss_after, enc.payload, self._start(client))
+        losses = np.asarray(update.losses, dtype=float)
         return Upload(nbytes=len(enc.payload), raw_bytes=codecs.raw_bytes(delta),
-                      codec=enc.payload.describe(), rel_error=err, sent=sent)
+                      codec=enc.payload.describe(), rel_error=err, sent=sent,
+                      loss_rms=float(np.sqrt(np.mean(losses ** 2))) if losses.size else math.nan)
 
     def ingest(self, client: int, upload: Upload) -> Ingested:
         sent = upload.sent

@@ -49,6 +49,7 @@ AGGREGATORS: Registry[Any] = Registry("aggregator", home="fedsim.aggregators")
 PROJECTORS: Registry[Any] = Registry("projector", home="fedsim.projection")
 TRANSFERS: Registry[Any] = Registry("transfer", home="fedsim.server")
 ROUND_POLICIES: Registry[Any] = Registry("round policy", home="fedsim.rounds")
+SELECTORS: Registry[Any] = Registry("selector", home="fedsim.selection")
 EXECUTORS: Registry[Any] = Registry("executor", home="fedsim.executors")
 ATTACKS: Registry[Any] = Registry("attack", home="fedsim.attacks", key="kind")
 PARTITIONERS: Registry[Any] = Registry("partitioner", home="fedsim.data")
@@ -300,6 +301,7 @@ class RoundPolicyConfig(PluginConfig):
     # with server worker failures (an update preempted in service is not restored yet).
     checkpoints: ClassVar[bool] = True
     checkpoints_server_failures: ClassVar[bool] = True
+    closes_rounds: ClassVar[bool] = True  # a round of selected clients ends (not async)
 
 
 @ROUND_POLICIES.options("sync")
@@ -325,9 +327,94 @@ class AsyncRoundsConfig(RoundPolicyConfig):
 
     name: Literal["async"] = "async"
     checkpoints_server_failures: ClassVar[bool] = False  # updates are in service at a checkpoint
+    closes_rounds: ClassVar[bool] = False
     buffer_size: int = Field(default=10, ge=1)
     concurrency: int = Field(default=20, ge=1)  # clients training at once
     staleness_exponent: NonNegFloat = 0.5  # weight (1 + staleness)^-a
+
+
+# --- client selection (fedsim.selection) ---------------------------------------------------
+
+
+class SelectorConfig(PluginConfig):
+    registry = SELECTORS
+    name: str
+
+    def check_rounds(self, policy: RoundPolicyConfig) -> str | None:
+        """What is wrong with this selector under ``policy`` (``key: message``), if anything."""
+        return None
+
+
+def _has_deadline(policy: RoundPolicyConfig) -> bool:
+    return getattr(policy, "deadline_s", None) is not None
+
+
+class TimedSelectorConfig(SelectorConfig):
+    """A selector that models each update's time from the channel estimate: ``exact`` (the
+    channel state now) or ``realistic`` (the previous block, log-normal error of
+    ``estimate_error_db``); see fedsim.selection."""
+
+    estimate: Literal["exact", "realistic"] = "realistic"
+    estimate_error_db: NonNegFloat = 2.0
+
+
+@SELECTORS.options("uniform")
+class UniformSelectorConfig(SelectorConfig):
+    """k distinct clients uniformly at random (the round policy's ``clients_per_round``)."""
+
+    name: Literal["uniform"] = "uniform"
+
+
+@SELECTORS.options("deadline-aware")
+class DeadlineAwareSelectorConfig(TimedSelectorConfig):
+    """FedCS (Nishio & Yonetani 2019): the most clients whose expected update fits the
+    deadline; ``deadline_s`` defaults to the round policy's."""
+
+    name: Literal["deadline-aware"] = "deadline-aware"
+    deadline_s: PositiveFloat | None = None
+    margin: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0  # share of it used
+
+    def check_rounds(self, policy: RoundPolicyConfig) -> str | None:
+        if self.deadline_s is None and not _has_deadline(policy):
+            return ("selection.deadline_s: deadline-aware selection needs a deadline (give it "
+                    "here, or use round_policy.name=deadline)")
+        return None
+
+
+@SELECTORS.options("fastest-k")
+class FastestKSelectorConfig(TimedSelectorConfig):
+    """FedScale's over-commitment: the ceil(over_selection·k) fastest expected, the first k
+    arrivals kept (k: ``round_policy.clients_per_round``)."""
+
+    name: Literal["fastest-k"] = "fastest-k"
+    over_selection: Annotated[float, Field(ge=1, le=10, allow_inf_nan=False)] = 1.3
+
+    def check_rounds(self, policy: RoundPolicyConfig) -> str | None:
+        if not policy.closes_rounds:
+            return (f"selection.name: fastest-k keeps the first k arrivals of a round; "
+                    f"{policy.name} rounds have none (use sync or deadline)")
+        if getattr(policy, "clients_per_round", None) is None:
+            return ("round_policy.clients_per_round: fastest-k needs k, the arrivals a round "
+                    "keeps")
+        return None
+
+
+@SELECTORS.options("utility")
+class UtilitySelectorConfig(TimedSelectorConfig):
+    """Oort (Lai et al. 2021): statistical utility x (T/t)^straggler_penalty beyond the
+    preferred round time T (default: the round policy's deadline), ``exploration`` of the k
+    slots for clients never seen."""
+
+    name: Literal["utility"] = "utility"
+    exploration: Probability = 0.1
+    preferred_s: PositiveFloat | None = None
+    straggler_penalty: NonNegFloat = 2.0  # Oort's α
+
+    def check_rounds(self, policy: RoundPolicyConfig) -> str | None:
+        if self.preferred_s is None and not _has_deadline(policy):
+            return ("selection.preferred_s: utility selection needs a preferred round time "
+                    "(give it here, or use round_policy.name=deadline)")
+        return None
 
 
 # --- executors (fedsim.executors) -----------------------------------------------------------

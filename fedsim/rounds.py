@@ -61,7 +61,8 @@ class RoundPolicy(ABC):
               ) -> tuple[Ticket, simpy.Process]:
         tk = Ticket(client, round_, serial=self.sim.updates_begun)
         self.sim.updates_begun += 1
-        self.sim.rec.emit(self.sim.env.now, round_, client, "select")
+        self.sim.rec.emit(self.sim.env.now, round_, client, "select",
+                          0, self.sim.selector.detail(client))
         return tk, self.sim.env.process(self.sim.client_update(tk, deadline_at))
 
 
@@ -77,9 +78,12 @@ class SyncRounds(RoundPolicy):
             candidates = yield from sim.wait_for_clients()
             started = env.now
             deadline_at = None if self.deadline_s is None else started + self.deadline_s
-            running = [self.start(c, r, deadline_at)
-                       for c in sim.select(candidates, self.cfg.clients_per_round)]
+            k = self.cfg.clients_per_round
+            running = [self.start(c, r, deadline_at) for c in sim.select(candidates, k, r)]
             procs = [p for _, p in running]
+            target = sim.selector.target(k)
+            if target is not None:
+                yield from self.first_arrivals(running, target)
             yield from self.wait(running, deadline_at)
             arrivals = [p.value for p in procs if p.value is not None]
             stats = {"selected": len(procs), "arrived": len(arrivals)}
@@ -89,6 +93,22 @@ class SyncRounds(RoundPolicy):
     def wait(self, running: list[tuple[Ticket, simpy.Process]], deadline_at: float | None
              ) -> Generator[simpy.Event, None, None]:
         yield self.sim.env.all_of([p for _, p in running])
+
+    def first_arrivals(self, running: list[tuple[Ticket, simpy.Process]], target: int
+                       ) -> Generator[simpy.Event, None, None]:
+        """Until ``target`` updates are accepted (or none is left running), then stop the
+        updates still short of their upload's end (``over_selected``); those past it are
+        ingested and aggregated, as at a deadline (a deadline still applies meanwhile)."""
+        env = self.sim.env
+        while True:
+            alive = [p for _, p in running if p.is_alive]
+            done = sum(1 for _, p in running if not p.is_alive and p.value is not None)
+            if done >= target or not alive:
+                break
+            yield env.any_of(alive)
+        for tk, p in running:
+            if p.is_alive and not tk.arrived:
+                p.interrupt("over_selected")
 
 
 @ROUND_POLICIES.register("deadline")
@@ -157,7 +177,7 @@ class AsyncBuffered(RoundPolicy):
         busy = {tk.client for tk in in_flight.values()}
         free = [c for c in sim.available() if int(c) not in busy]
         need = cfg.concurrency - len(in_flight)
-        for c in sim.select(np.array(free, dtype=np.int64), need) if need > 0 else []:
+        for c in sim.select(np.array(free, dtype=np.int64), need, self.version) if need > 0 else []:
             tk, p = self.start(c, self.version)
             in_flight[p] = tk
             self.stats["selected"] += 1

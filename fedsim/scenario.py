@@ -30,6 +30,7 @@ from fedsim.plugins import (
     EXECUTORS,
     PARTITIONERS,
     ROUND_POLICIES,
+    SELECTORS,
     TASKS,
     TRANSFERS,
     WORKLOADS,
@@ -46,6 +47,7 @@ from fedsim.plugins import (
     RealWorkloadConfig,
     StaticChannelConfig,
     SyncRoundsConfig,
+    UniformSelectorConfig,
     check_model_name,
     model_note,
 )
@@ -269,6 +271,7 @@ class Scenario(Config):
     aggregation: AGGREGATORS.union("fedavg") = FedAvgConfig()
     transfer: TRANSFERS.union("projection") = ProjectionTransferConfig()
     round_policy: ROUND_POLICIES.union("sync") = SyncRoundsConfig()
+    selection: SELECTORS.union("uniform") = UniformSelectorConfig()
     executor: EXECUTORS.union("inline") = InlineExecutorConfig()
     faults: FaultsConfig = FaultsConfig()
     output: OutputConfig = OutputConfig()
@@ -291,6 +294,13 @@ class Scenario(Config):
                              "server failures "
                              "(faults.server_failure_per_h) cannot be checkpointed yet: an "
                              "update preempted in service is not restored")
+        return self
+
+    @model_validator(mode="after")
+    def _selection_fits_the_rounds(self) -> Scenario:
+        problem = self.selection.check_rounds(self.round_policy)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

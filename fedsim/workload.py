@@ -22,6 +22,7 @@ thousands of clients over network conditions; its bytes are a parameter, not an 
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -70,6 +71,8 @@ class Upload:
     codec: str  # the codec setting used
     rel_error: float = 0.0  # relative L2 reconstruction error of the encoding
     sent: Sent | None = None  # None: the synthetic workload sends sizes, not bytes
+    # RMS of the job's training losses (nats), what an Oort client reports; NaN: no loss.
+    loss_rms: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,15 @@ class Workload(ABC):
     def download_bytes(self, client: int) -> int: ...
 
     @abstractmethod
+    def download_bytes_estimate(self, client: int) -> int:
+        """What :meth:`download_bytes` would be now, without the download happening."""
+
+    @abstractmethod
+    def upload_bytes_estimate(self, client: int) -> int:
+        """The bytes a selector expects ``client``'s next upload to be (the codec's size for
+        the update's shapes, without a channel to adapt to)."""
+
+    @abstractmethod
     def plan(self, client: int, round_: int) -> JobPlan: ...
 
     @abstractmethod
@@ -174,7 +186,7 @@ class Workload(ABC):
     def upload_state(self, upload: Upload, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """An upload in flight as (JSON, tensors named under ``key``) for a checkpoint."""
         return {"nbytes": upload.nbytes, "raw_bytes": upload.raw_bytes, "codec": upload.codec,
-                "rel_error": upload.rel_error}, {}
+                "rel_error": upload.rel_error, "loss_rms": upload.loss_rms}, {}
 
     def restore_upload(self, doc: dict[str, Any], tensors: dict[str, Any], key: str) -> Upload:
         return Upload(**doc)
@@ -198,6 +210,12 @@ class SyntheticWorkload(Workload):
 
     def download_bytes(self, client: int) -> int:
         return self.cfg.download_bytes
+
+    def download_bytes_estimate(self, client: int) -> int:
+        return self.cfg.download_bytes
+
+    def upload_bytes_estimate(self, client: int) -> int:
+        return self.cfg.update_bytes
 
     def plan(self, client: int, round_: int) -> JobPlan:
         return JobPlan(flops=self.cfg.flops_per_step * self.steps, peak_memory_bytes=0,

@@ -29,6 +29,12 @@ class FixedWorkload(Workload):
     def download_bytes(self, client: int) -> int:
         return self.down
 
+    def download_bytes_estimate(self, client: int) -> int:
+        return self.down
+
+    def upload_bytes_estimate(self, client: int) -> int:
+        return self.up
+
     def plan(self, client: int, round_: int) -> JobPlan:
         return JobPlan(flops=self.per_client_flops.get(client, self.flops),
                        peak_memory_bytes=self.mem, num_samples=10)
