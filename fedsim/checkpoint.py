@@ -102,6 +102,7 @@ def snapshot(sim: Simulation, round_: int) -> tuple[dict[str, Any], dict[str, An
         "next_round": round_ + 1,
         "select_rng": sim.select_rng.bit_generator.state,
         "selector": sim.selector.state(),
+        "energy": sim.energy.state(),
         "availability": sim.availability.state(),
         "network": sim.network.state(),
         "ingress": sim.ingress.state(),
@@ -128,6 +129,7 @@ def restore(sim: Simulation, state: dict[str, Any], tensors: dict[str, Any]) -> 
                           "(compare its state.json 'scenario' with this one's --set)")
     sim.select_rng.bit_generator.state = state["select_rng"]
     sim.selector.restore(state.get("selector", {}))  # absent in checkpoints before selectors
+    sim.energy.restore(state.get("energy", {}))
     sim.availability.restore(state["availability"])
     sim.network.restore(state["network"])
     sim.ingress.restore(state["ingress"])

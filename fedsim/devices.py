@@ -28,6 +28,15 @@ class DeviceProfile:
     wired_rate_bps: float | None  # None: wireless (shares a cell); else a dedicated wired link
     mean_on_s: float  # availability: on/off Markov chain, exponential holding times
     mean_off_s: float  # 0: always available
+    # Energy (fedsim.energy): watts while training, the radio's circuit power and its power
+    # amplifier's efficiency while transmitting, watts while receiving, the idle floor.
+    train_power_w: float = 0.0
+    tx_circuit_w: float = 0.0
+    pa_efficiency: float = 1.0
+    rx_power_w: float = 0.0
+    idle_power_w: float = 0.0
+    cpu_hz: float = 1e9  # clock of the κ·f³ compute-energy model
+    battery_wh: float | None = None  # None: mains powered
 
 
 PROFILES: dict[str, DeviceProfile] = {
@@ -46,6 +55,18 @@ PROFILES: dict[str, DeviceProfile] = {
         # sessions; on ~1 h, off ~20 min on average.
         mean_on_s=3600.0,
         mean_off_s=1200.0,
+        # A flagship SoC's GPU under sustained load draws 3-5 W (AnandTech's Snapdragon 8 Gen
+        # 1/2 GPU power measurements) -> 4 W.
+        train_power_w=4.0,
+        # Huang et al. 2012 ("A close examination of performance and power characteristics of
+        # 4G LTE networks", MobiSys): LTE radio base power 1.288 W; a class-3 handset PA is
+        # ~35% efficient at full power (23 dBm = 0.2 W out -> 0.57 W in): 1.86 W sending.
+        tx_circuit_w=1.288,
+        pa_efficiency=0.35,
+        rx_power_w=1.8,  # Huang et al. 2012: ~1.8 W receiving at ~10 Mbit/s
+        idle_power_w=0.07,  # Carroll & Heiser 2010 (USENIX ATC): a suspended phone ~69 mW
+        cpu_hz=2.0e9,  # big cores of a phone SoC; kappa 1e-28 -> 0.8 W (Yang et al. 2021)
+        battery_wh=15.4,  # 4000 mAh at 3.85 V
     ),
     "laptop": DeviceProfile(
         # 8-core laptop CPU, AVX2 fp32 peak ~1 TFLOP/s, ~30% in PyTorch GEMMs -> 3e11.
@@ -58,6 +79,13 @@ PROFILES: dict[str, DeviceProfile] = {
         wired_rate_bps=None,
         mean_on_s=7200.0,  # laptops stay up longer than phones (FedScale traces, desktop class)
         mean_off_s=1800.0,
+        train_power_w=28.0,  # a U-series laptop CPU's sustained package power (PL1 = 28 W)
+        tx_circuit_w=1.288,  # the same LTE modem class as a phone (Huang et al. 2012)
+        pa_efficiency=0.35,
+        rx_power_w=1.8,
+        idle_power_w=2.0,  # a laptop idling with its screen off draws ~1-3 W
+        cpu_hz=3.0e9,
+        battery_wh=56.0,  # a typical 13-14" laptop battery
     ),
     "cloud": DeviceProfile(
         # One A100: 312 TFLOP/s bf16 peak; small-batch LoRA reaches ~15% -> 5e13.
@@ -70,9 +98,15 @@ PROFILES: dict[str, DeviceProfile] = {
         wired_rate_bps=1e9,  # 1 Gbit/s datacenter egress per client VM
         mean_on_s=86400.0,
         mean_off_s=0.0,  # always available
+        train_power_w=400.0,  # A100 SXM TDP
+        idle_power_w=50.0,  # an idle A100 draws ~50 W
+        cpu_hz=1.41e9,  # A100 boost clock (the kappa model is meant for mobile CPUs)
+        battery_wh=None,  # mains
     ),
 }
 
+ENERGY_FIELDS = ("train_power_w", "tx_circuit_w", "pa_efficiency", "rx_power_w", "idle_power_w",
+                 "cpu_hz")
 # Numeric fields that a group may draw per client with a lognormal spread.
 SPREADABLE_FIELDS = ("flops_per_s", "memory_gib", "wired_rate_bps", "mean_on_s", "mean_off_s")
 
@@ -101,6 +135,13 @@ class Fleet:
     wired_rate_bps: np.ndarray  # nan for wireless clients
     mean_on_s: np.ndarray
     mean_off_s: np.ndarray
+    train_power_w: np.ndarray
+    tx_circuit_w: np.ndarray
+    pa_efficiency: np.ndarray
+    rx_power_w: np.ndarray
+    idle_power_w: np.ndarray
+    cpu_hz: np.ndarray
+    battery_wh: np.ndarray  # inf: mains powered
 
     @property
     def size(self) -> int:
@@ -150,8 +191,10 @@ def build_fleet(scenario: Scenario, rng: np.random.Generator) -> Fleet:
         wired = np.nan if prof.wired_rate_bps is None else prof.wired_rate_bps
         sigma = group.spread.get("wired_rate_bps", 0.0) if prof.wired_rate_bps else 0.0
         cols["wired_rate_bps"].append(_spread(rng, wired, sigma, n))
-        for f in ("tx_power_dbm", "antenna_gain_dbi", "noise_figure_db"):
+        for f in ("tx_power_dbm", "antenna_gain_dbi", "noise_figure_db", *ENERGY_FIELDS):
             cols[f].append(np.full(n, getattr(prof, f)))
+        cols["battery_wh"].append(np.full(n, np.inf if prof.battery_wh is None
+                                          else prof.battery_wh))
         cols["distance_m"].append(_area_uniform(rng, *prof.distance_m, n))
     arrays = {k: np.concatenate(v) for k, v in cols.items() if v}
     return Fleet(profile=tuple(profiles), model=tuple(models), **arrays)

@@ -25,6 +25,7 @@ from fedsim.availability import Availability
 from fedsim.channels import DOWNLINK, UPLINK, Network, SharedLink, WiredLink
 from fedsim.clock import Clock
 from fedsim.devices import PROFILES, build_fleet
+from fedsim.energy import Energy
 from fedsim.errors import FedsimError
 from fedsim.executors import Executor, Job, JobFailed, make_executor
 from fedsim.faults import Faults
@@ -91,6 +92,7 @@ class Simulation:
         self.executor = executor or make_executor(scenario.executor)
         self.policy = ROUND_POLICIES.get(scenario.round_policy.name)(self)
         self.selector = make_selector(scenario.selection, self)
+        self.energy = Energy(self.fleet, scenario.energy)
         n = self.fleet.size
         self.per_client = {k: np.zeros(n, dtype=np.int64) for k in
                            ("updates_sent", "updates_accepted", "failures", "bytes_up",
@@ -140,6 +142,7 @@ class Simulation:
         started = tk.started_s
         ok = yield done
         tk.transfer = None
+        self.energy.spend(c, direction, env.now - started)  # airtime, delivered or not
         if not ok:
             self.rec.emit(env.now, tk.round, c, "outage", 0, direction)
             return False
@@ -166,11 +169,12 @@ class Simulation:
                 self.rec.emit(env.now, tk.round, c, "oom", 0, detail)
                 return None
             self.rec.emit(env.now, tk.round, c, "train_start", 0, f"flops={plan.flops:.4g}")
-            tk.until_s = env.now + compute_s
+            tk.started_s, tk.until_s = env.now, env.now + compute_s
         tk.job = self.executor.submit_train(wl, c, tk.round, plan)
         yield self._restored_wait(tk) if resumed else env.timer(compute_s, tk.tag)
         job, tk.job = tk.job, None
         self.compute_s[c] += compute_s
+        self.energy.spend(c, "compute", compute_s)
         self.rec.latency("compute", compute_s)
         try:
             update = job.result()
@@ -221,6 +225,9 @@ class Simulation:
                         tk.transfer.cancel(c)
                     if tk.job is not None:
                         tk.job.cancel()
+                    if tk.phase in (UPLINK, DOWNLINK, "train"):  # the cut phase's energy
+                        self.energy.spend(c, "compute" if tk.phase == "train" else tk.phase,
+                                          env.now - tk.started_s)
                     self.rec.emit(env.now, tk.round, c, str(stop.cause), 0, tk.phase)
                     if (stop.cause == "crash" and faults.on_crash == "retry"
                             and tk.attempt < faults.crash_retries):
@@ -326,12 +333,14 @@ class Simulation:
     # --- rounds -----------------------------------------------------------------------------
 
     def available(self) -> np.ndarray:
-        return self.availability.available(self.env.now)
+        """Clients on now whose battery allows them to take part."""
+        return self.energy.charged(self.availability.available(self.env.now), self.env.now)
 
     def wait_for_clients(self) -> Generator[simpy.Event, None, np.ndarray]:
-        """Until some client is available (all may be off at once)."""
+        """Until some client is available (all may be off at once). Empty only when every
+        client left is out of battery: nobody recharges, so the run cannot go on."""
         avail = self.available()
-        while not avail.size:
+        while not avail.size and not self.energy.depleted.all():
             yield self.env.timer(max(self.availability.next_on_s(self.env.now) - self.env.now,
                                      1e-9))
             avail = self.available()
@@ -354,7 +363,8 @@ class Simulation:
         quality = self.workload.evaluate(round_)
         self.rec.latency("round", env.now - started_s)
         row = {"round": round_, "start_s": started_s, "end_s": env.now,
-               "duration_s": env.now - started_s, **stats, "aggregated": len(arrivals)}
+               "duration_s": env.now - started_s, **stats, "aggregated": len(arrivals),
+               "energy_j": self.energy.total_j()}  # all clients' phases so far
         self.rec.rounds.append(row)
         self.quality_by_round.append({})
         if isinstance(quality, Deferred):  # filled in by _settle_quality
@@ -416,7 +426,8 @@ class Simulation:
                  "distance_m": round(float(f.distance_m[i]), 3),
                  "flops_per_s": float(f.flops_per_s[i]),
                  **{k: int(v[i]) for k, v in self.per_client.items()},
-                 "compute_s": float(self.compute_s[i])} for i in range(f.size)]
+                 "compute_s": float(self.compute_s[i]),
+                 **self.energy.client_columns(i, self.env.now)} for i in range(f.size)]
 
     def summarize(self, wall_time_s: float) -> dict[str, object]:
         rec, T = self.rec, self.env.now
@@ -472,6 +483,7 @@ class Simulation:
                 "events": rec.num_events,
                 "sim_events": self.env.events_processed,
             },
+            "energy_j": self.energy.summary(),
             # What a modelling selector expected of each update against what happened.
             **({"selection": sel} if (sel := self.selector.summary()) is not None else {}),
             "wall_time_s": wall_time_s,

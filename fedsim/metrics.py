@@ -27,7 +27,8 @@ PHASES = ("download", "compute", "queue", "upload", "server", "round")
 EVENT_COLUMNS = ("time_s", "round", "client", "kind", "bytes", "detail")
 CLIENT_COLUMNS = ("client", "group", "profile", "model", "cell", "distance_m", "flops_per_s",
                   "updates_sent", "updates_accepted", "failures", "bytes_up", "bytes_down",
-                  "compute_s")
+                  "compute_s", "energy_compute_j", "energy_uplink_j", "energy_downlink_j",
+                  "battery_charge")
 
 
 class Recorder:

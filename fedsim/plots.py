@@ -44,7 +44,8 @@ _STARTS = {"downlink_start": "download", "train_start": "compute", "uplink_start
            "ingest_start": "server"}
 _ENDS = {"downlink_end": "download", "train_end": "compute", "uplink_end": "upload",
          "ingest_end": "server", "rejected": "server"}
-_INTERRUPTS = {"outage", "dropout", "deadline_miss", "cancelled", "job_failed", "crash"}
+_INTERRUPTS = {"outage", "dropout", "deadline_miss", "cancelled", "job_failed", "crash",
+               "over_selected"}
 DPI = 120
 
 
@@ -517,8 +518,52 @@ def accuracy_vs_time(run_dir: str | Path) -> Path | None:
     return _save(fig, run.dir, "accuracy_vs_time.png")
 
 
+ENERGY_PHASES = (("compute", "compute"), ("uplink", "upload"), ("downlink", "download"))
+
+
+def energy(run_dir: str | Path) -> Path | None:
+    """Left: median energy per update of each phase per device class (bars, p95 as whiskers;
+    log scale: a phone's joules and a GPU's differ by orders of magnitude). Right: the server
+    metric after each round against the joules all clients have spent so far."""
+    run = load_run(run_dir)
+    by_class = run.summary.get("energy_j")
+    if not by_class:
+        return None
+    fig = _figure(12, 5)
+    left, right = fig.subplots(1, 2)
+    profiles = [p for p in _profiles(run) if p in by_class]
+    x = np.arange(len(profiles))
+    width = 0.8 / len(ENERGY_PHASES)
+    for i, (phase, color) in enumerate(ENERGY_PHASES):
+        p50 = np.array([by_class[p][phase]["p50"] for p in profiles])
+        p95 = np.array([by_class[p][phase]["p95"] for p in profiles])
+        shown = p50 > 0  # wired clients spend no radio energy; nothing to draw on a log axis
+        left.bar(x[shown] + (i - 1) * width, p50[shown], width, color=PHASE_COLORS[color],
+                 label=phase, yerr=[np.zeros(shown.sum()), (p95 - p50)[shown]], capsize=3)
+    left.set_xticks(x, profiles)
+    left.set_yscale("log")
+    left.set_ylabel("energy per update (J; bar p50, whisker p95)")
+    left.legend()
+    left.grid(alpha=0.3, axis="y")
+    quality = _quality(run)
+    rows = [r for r in run.rounds if r.get("energy_j")]
+    if quality is not None and rows:
+        metric, end_s, values = quality
+        spent = np.interp(end_s, [float(r["end_s"]) for r in rows],
+                          [float(r["energy_j"]) for r in rows])
+        right.plot(spent / 1e3, values, marker="o", color=PHASE_COLORS["compute"])
+        right.set_xlabel("energy spent by all clients so far (kJ)")
+        right.set_ylabel(f"server {metric}")
+        right.grid(alpha=0.3)
+    else:
+        right.set_axis_off()
+        right.text(0.5, 0.5, "no server metric measured", ha="center", va="center")
+    fig.suptitle(_title(run, "Energy per update by device class, and what it bought"))
+    return _save(fig, run.dir, "energy.png")
+
+
 RUN_FIGURES = (latency_breakdown, latency_cdf, utilization_over_time, server_queue,
-               bytes_vs_accuracy, accuracy_vs_time)
+               bytes_vs_accuracy, accuracy_vs_time, energy)
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:

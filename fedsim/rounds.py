@@ -76,6 +76,9 @@ class SyncRounds(RoundPolicy):
         sim, env = self.sim, self.sim.env
         for r in range(sim.first_round, sim.scenario.rounds):
             candidates = yield from sim.wait_for_clients()
+            if not len(candidates):  # every battery is below energy.min_charge: no more rounds
+                sim.rec.emit(env.now, r, -1, "fleet_depleted")
+                return
             started = env.now
             deadline_at = None if self.deadline_s is None else started + self.deadline_s
             k = self.cfg.clients_per_round
@@ -150,13 +153,14 @@ class AsyncBuffered(RoundPolicy):
         self.stats = {"selected": 0, "arrived": 0}
         self.in_flight: dict[simpy.Event, Ticket] = {}
         self.resumed = False
+        self.depleted = False  # every client's battery ran out: the run ends early
         self._running: dict[int, tuple[Ticket, simpy.Process]] = {}  # restored, by serial
 
     def run(self) -> Generator[simpy.Event, None, None]:
         sim, env, cfg = self.sim, self.sim.env, self.cfg
         if not self.resumed:
             self.started = env.now
-        while self.version < sim.scenario.rounds:
+        while self.version < sim.scenario.rounds and not self.depleted:
             if not self.resumed:
                 yield from self._gather()
             self.resumed = False
@@ -182,7 +186,9 @@ class AsyncBuffered(RoundPolicy):
             in_flight[p] = tk
             self.stats["selected"] += 1
         if not in_flight:
-            yield from sim.wait_for_clients()
+            if not len((yield from sim.wait_for_clients())):  # every battery is flat
+                sim.rec.emit(env.now, self.version, -1, "fleet_depleted")
+                self.depleted = True
             return
         yield env.any_of(list(in_flight))
         for p in [p for p in in_flight if p.triggered]:

@@ -77,6 +77,13 @@ class DeviceOverrides(Config):
     wired_rate_bps: PositiveFloat | None = None
     mean_on_s: PositiveFloat | None = None
     mean_off_s: NonNegFloat | None = None
+    train_power_w: NonNegFloat | None = None
+    tx_circuit_w: NonNegFloat | None = None
+    pa_efficiency: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    rx_power_w: NonNegFloat | None = None
+    idle_power_w: NonNegFloat | None = None
+    cpu_hz: PositiveFloat | None = None
+    battery_wh: PositiveFloat | None = None
 
     @field_validator("distance_m")
     @classmethod
@@ -84,6 +91,17 @@ class DeviceOverrides(Config):
         if v is not None and v[0] > v[1]:
             raise ValueError(f"distance_m must be [min, max] with min <= max, got {list(v)}")
         return v
+
+
+class EnergyConfig(Config):
+    """How update energy is modelled (see ``fedsim.energy``): ``compute: power`` (the profile's
+    training watts x compute time) or ``kappa`` (κ·f³ x compute time); batteries start at
+    ``initial_charge`` and clients below ``min_charge`` leave availability (0: never)."""
+
+    compute: Literal["power", "kappa"] = "power"
+    kappa: PositiveFloat = 1e-28  # effective switched capacitance (Yang et al. 2021)
+    initial_charge: Probability = 1.0
+    min_charge: Probability = 0.0
 
 
 class ClientGroup(Config):
@@ -274,6 +292,7 @@ class Scenario(Config):
     selection: SELECTORS.union("uniform") = UniformSelectorConfig()
     executor: EXECUTORS.union("inline") = InlineExecutorConfig()
     faults: FaultsConfig = FaultsConfig()
+    energy: EnergyConfig = EnergyConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="before")

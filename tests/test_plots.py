@@ -117,14 +117,15 @@ def test_no_quality_metric_no_quality_figures(scenario_path, tmp_path):
     d = write_run_dir(run(load(scenario_path)), tmp_path / "synthetic")
     assert bytes_vs_accuracy(d) is None and accuracy_vs_time(d) is None
     assert [p.stem for p in plot_run(d)] == [
-        "latency_breakdown", "latency_cdf", "utilization_over_time", "server_queue"]
+        "latency_breakdown", "latency_cdf", "utilization_over_time", "server_queue", "energy"]
 
 
-def test_without_events_only_the_queue_figure(scenario_path, tmp_path):
+def test_without_events_only_the_queue_and_energy_figures(scenario_path, tmp_path):
     d = write_run_dir(run(load(scenario_path, ["output.events=false"])), tmp_path / "no-events")
     assert latency_breakdown(d) is None
     assert_png(server_queue(d))
-    assert [p.stem for p in plot_run(d)] == ["server_queue"]
+    # the energy figure reads summary.json and rounds.csv, which events=false keeps
+    assert [p.stem for p in plot_run(d)] == ["server_queue", "energy"]
 
 
 @pytest.fixture(scope="module")
