@@ -26,7 +26,7 @@ from __future__ import annotations
 import csv
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import simpy
 from fedsim.clock import NOOP, Clock, Tag
 from fedsim.devices import Fleet
 from fedsim.errors import FedsimError
+from fedsim.interference import Interference
 from fedsim.plugins import CHANNELS, ChannelConfig
 from fedsim.rng import hashed_exponential, hashed_uniform_one, stream
 from fedsim.scenario import CellConfig, Scenario
@@ -159,6 +160,17 @@ class PathlossChannel(Channel):
         self.snr_db = {UPLINK: ul_rx - ul_noise, DOWNLINK: dl_rx - dl_noise}
         self._snr_lin = {d: 10.0 ** (v / 10.0) for d, v in self.snr_db.items()}
         self._outage_lin = 10.0 ** (cfg.outage_snr_db / 10.0)
+        # For fedsim.interference: each client's EIRP at a site, each cell's uplink noise.
+        self.uplink_tx_dbm = fleet.tx_power_dbm + fleet.antenna_gain_dbi + BS_ANTENNA_GAIN_DBI
+        self.uplink_noise_dbm = np.array([THERMAL_NOISE_DBM_PER_HZ + 10 * math.log10(
+            c.uplink_bandwidth_hz) + BS_NOISE_FIGURE_DB for c in cells])
+        self.interference: Interference | None = None  # set by Network when modelled
+
+    def _sinr(self, cell: int, direction: str, state: np.ndarray | float) -> np.ndarray | float:
+        """The full-band SNR with the co-channel cells' uplink interference: SNR / (1 + I/N)."""
+        if self.interference is None or direction != UPLINK:
+            return state
+        return state / (1.0 + self.interference.ratio[cell])
 
     def _block(self, t: float) -> int:
         return math.floor(t / self.cfg.coherence_time_s + 1e-9)
@@ -191,6 +203,7 @@ class PathlossChannel(Channel):
         c = self.cells[cell]
         k = max(k, 1)
         bw = c.uplink_bandwidth_hz if direction == UPLINK else c.downlink_bandwidth_hz
+        state = self._sinr(cell, direction, state)
         snr = state * k if c.sharing == "ofdma" and direction == UPLINK else state
         return 0.0 if snr < self._outage_lin else (bw / k) * math.log2(1.0 + snr)
 
@@ -198,6 +211,7 @@ class PathlossChannel(Channel):
         c = self.cells[cell]
         k = max(len(state), 1)
         bw = c.uplink_bandwidth_hz if direction == UPLINK else c.downlink_bandwidth_hz
+        state = self._sinr(cell, direction, state)
         snr = state * k if c.sharing == "ofdma" and direction == UPLINK else state
         # ofdma: same transmit power on B/K Hz, so K times the SNR per Hz (uplink only);
         # tdma: the whole band B for 1/K of the time. Either way B/K times the bits/s/Hz.
@@ -306,6 +320,10 @@ class SharedLink:
         # engine counts them): the rate estimate of an early finisher counts the ones to come.
         self.contenders = 0
         self.outage = False  # the cell's base station is down (faults): nothing moves
+        # Called (with this link) when its set of active flows changed, once the instant's
+        # joins and leaves are in: inter-cell interference recomputes its neighbours.
+        self.on_flows_changed: Callable[[SharedLink], None] | None = None
+        self._flows_changed = False
 
     @property
     def active(self) -> int:
@@ -343,6 +361,7 @@ class SharedLink:
         state = self.channel.flow_state_one(self.direction, client, now)
         self._cols[:, k] = (8.0 * nbytes, 0.0, state)
         self._k = k + 1
+        self._flows_changed = True
         self.events[client] = (done, 8.0 * nbytes)
         self._changed()
         return done
@@ -356,6 +375,7 @@ class SharedLink:
         _, bits = self.events.pop(client)
         self.bits_carried += bits - float(self.remaining_bits[~keep].sum())
         self._compress(keep)
+        self._flows_changed = True
         self._changed()
 
     def estimate_rate_bps(self, client: int) -> float:
@@ -392,6 +412,7 @@ class SharedLink:
         """Remove the flows in ``mask`` and tell their clients (``ok``: all bits crossed)."""
         ended = self.clients[mask]
         self._compress(~mask)
+        self._flows_changed = self._flows_changed or bool(len(ended))
         for c in ended.tolist():
             done, bits = self.events.pop(c)
             if ok:
@@ -421,6 +442,7 @@ class SharedLink:
         done = self.remaining_bits <= self.rates * 1e-9 + _DONE_BITS
         if done.any():
             self._end(done, ok=True)
+        self._notify()
         if not self._k:
             return
         if self.outage:  # stalled until set_outage(False) recomputes
@@ -436,12 +458,19 @@ class SharedLink:
         first = float(finish_in.min())
         if first >= _NEVER_S and math.isinf(change_at):
             self._end(self.rates <= 0, ok=False)  # outage that nothing will lift
+            self._notify()
             return
         wake_at = now + min(first, change_at - now)
         if self._wake_at <= wake_at:
             return  # an earlier wake-up is pending: it will recompute and reschedule
         self._wake_at = wake_at
         self.rewake(wake_at)
+
+    def _notify(self) -> None:
+        if self._flows_changed:
+            self._flows_changed = False
+            if self.on_flows_changed is not None:
+                self.on_flows_changed(self)
 
     def rewake(self, at: float, exact: bool = False) -> None:
         """A wake-up at ``at`` (a checkpoint restores the pending ones with ``exact``)."""
@@ -466,6 +495,7 @@ class SharedLink:
     def state(self) -> dict[str, Any]:
         """The link and its active flows (remaining bits, rate, channel state, size)."""
         return {**{k: getattr(self, k) for k in self._SCALARS},
+                "flows_changed": self._flows_changed,
                 "ids": self.clients.tolist(), "cols": self._cols[:, : self._k].tolist(),
                 "bits": [self.events[c][1] for c in self.clients.tolist()]}
 
@@ -474,6 +504,7 @@ class SharedLink:
         update's restored process waits on (:meth:`resumed`)."""
         for k in self._SCALARS:
             setattr(self, k, doc[k])
+        self._flows_changed = doc.get("flows_changed", False)
         k = len(doc["ids"])
         cap = max(16, k)
         self._ids, self._cols = np.empty(cap, dtype=np.int64), np.empty((3, cap))
@@ -525,6 +556,25 @@ class Network:
                       for d in (UPLINK, DOWNLINK)}
         self.wired = WiredLink(env, fleet.wired_rate_bps)
         self.fleet = fleet
+        cfg = scenario.network.interference
+        self.interference: Interference | None = None
+        if cfg.model != "none":  # validated: the channel has an SNR (pathloss)
+            assert isinstance(channel, PathlossChannel)
+            self.interference = Interference(
+                cfg, cells, fleet, channel.uplink_tx_dbm, channel.uplink_noise_dbm,
+                scenario.network.channel.shadowing_sigma_db, stream(scenario.seed, "positions"))
+            channel.interference = self.interference
+            for link in self.cells[UPLINK]:
+                link.on_flows_changed = self._interfere
+
+    def _interfere(self, link: SharedLink) -> None:
+        """``link``'s flows changed: new I/N at the co-channel sites, whose active flows
+        recompute their rates at the end of this instant."""
+        assert self.interference is not None
+        for j in self.interference.update(link.cell, link.clients):
+            other = self.cells[UPLINK][j]
+            if other.active:
+                other._changed()
 
     def links(self) -> Iterator[tuple[str, SharedLink]]:
         """Every shared link by name (``uplink:3``)."""
@@ -553,6 +603,9 @@ class Network:
             links[name].restore(doc)
         self.wired.bits_carried = state["wired_bits"]
         self.wired.ends = {int(c): t for c, t in state.get("wired_ends", {}).items()}
+        if self.interference is not None:  # derived from the restored flows
+            for link in self.cells[UPLINK]:
+                self.interference.update(link.cell, link.clients)
 
     def restore_timer(self, tag: tuple[Any, ...]) -> None:
         """A link's pending timer again, from its tag (see ``fedsim.clock``)."""

@@ -69,6 +69,7 @@ TASKS.declare("classification", "multiple-choice", "generation")  # no options o
 class ChannelConfig(PluginConfig):
     registry = CHANNELS
     name: str
+    has_snr: ClassVar[bool] = False  # rates from a signal-to-noise ratio (interference applies)
 
 
 @CHANNELS.options("static")
@@ -83,6 +84,7 @@ class PathlossChannelConfig(ChannelConfig):
     """128.1 + 37.6 log10(d_km) dB (3GPP TR 36.814 macro), log-normal shadowing, Rayleigh."""
 
     name: Literal["pathloss"] = "pathloss"
+    has_snr: ClassVar[bool] = True
     shadowing_sigma_db: NonNegFloat = 8.0
     fading: bool = True  # Rayleigh block fading, redrawn every coherence time
     coherence_time_s: PositiveFloat = 0.05

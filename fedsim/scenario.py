@@ -150,11 +150,36 @@ class CellConfig(Config):
     # Rates of the `static` channel (bits/s of the whole cell carrier).
     uplink_rate_bps: PositiveFloat = 21e6  # Ookla global median 5G upload, ~21 Mbps
     downlink_rate_bps: PositiveFloat = 200e6  # Ookla global median 5G download, ~200 Mbps
+    # The site's coordinates (m), for interference; unset: the hexagonal layout's place.
+    position_m: tuple[float, float] | None = None
+
+
+class InterferenceConfig(Config):
+    """Uplink inter-cell interference (see ``fedsim.interference``): ``none`` (noise-limited
+    cells, as before) or ``load`` (co-channel neighbours' active transmitters), with frequency
+    ``reuse`` 1 or 3, on a hexagonal layout of ``inter_site_distance_m`` unless every cell
+    gives its ``position_m``."""
+
+    model: Literal["none", "load"] = "none"
+    reuse: Literal[1, 3] = 1
+    inter_site_distance_m: PositiveFloat = 500.0  # 3GPP TR 38.901 UMa
 
 
 class NetworkConfig(Config):
     channel: CHANNELS.union("static") = StaticChannelConfig()
     cells: list[CellConfig] = Field(default_factory=lambda: [CellConfig()], min_length=1)
+    interference: InterferenceConfig = InterferenceConfig()
+
+    @model_validator(mode="after")
+    def _interference_needs_a_radio_channel(self) -> NetworkConfig:
+        if self.interference.model != "none" and not self.channel.has_snr:
+            raise ValueError(f"network.interference.model: {self.interference.model} needs a "
+                             f"channel with a signal-to-noise ratio (network.channel.name="
+                             f"pathloss), got {self.channel.name}")
+        positions = [c.position_m is not None for c in self.cells]
+        if any(positions) and not all(positions):
+            raise ValueError("network.cells: give position_m for every cell or for none")
+        return self
 
 
 # --- server, task, training ------------------------------------------------------------------
