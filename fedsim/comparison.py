@@ -22,7 +22,8 @@ run directory is ``seed=K/`` (the sweeps' naming), and the numbers are intervals
 - ``comparison_by_seed.csv``: ``seed, variant, round, <metric>``, every seed's own value;
 - ``comparison.md``: ``mean ± half-width`` per cell (the value alone for one seed), and per row
   the bytes its federation sent up and the simulated time to its final round (``-`` where the
-  row moves no bytes: ``start``, ``standalone``, ``centralized``).
+  row moves no bytes: ``start``, ``standalone``, ``centralized``), and the paired interval of
+  its final value minus start over seeds (the difference that says whether it gained).
 
 Each seed's comparison is kept beside its run directory (``seed=K/comparison.json``, written
 after the run directory, so its presence means complete); a rerun of the same command keeps the
@@ -159,19 +160,33 @@ class RepeatedComparison:
                                   for c in self.runs if v in c.costs)
                     for k in COST_KEYS} for v in names}
 
+    def gains(self) -> dict[str, Interval]:
+        """Per variant, the paired interval over seeds of (its final value − start): each
+        seed's start, probe and evaluation set cancel out, which the per-round intervals keep
+        (their width is mostly the seeds' different starts)."""
+        names = [v for v in dict.fromkeys(v for c in self.runs for v in c.by_variant)
+                 if v != START]
+        return {v: t_interval(c.by_variant[v][-1] - c.by_variant[START][0] for c in self.runs
+                              if c.by_variant.get(v) and c.by_variant.get(START))
+                for v in names}
+
     def markdown(self) -> str:
         """One row per variant, one column per round, each cell ``mean ± half-width`` (the
         value alone for one seed); ``start`` fills every column. Then MB up and the simulated
-        seconds to the final round (``-``: the row runs no federation)."""
+        seconds to the final round (``-``: the row runs no federation), and the paired gain of
+        the final round over start (:meth:`gains`)."""
         ivs, costs = self.intervals(), self.cost_intervals({"bytes_up": 1e-6})
+        gains = self.gains()
         rounds = max(len(xs) for xs in ivs.values())
-        head = ["variant"] + [f"round {r}" for r in range(rounds)] + ["MB up", "sim time s"]
+        head = (["variant"] + [f"round {r}" for r in range(rounds)]
+                + ["MB up", "sim time s", "final − start (paired)"])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for v, xs in ivs.items():
             cells = [iv.text("{:.3f}") for iv in (xs * rounds if v == START else xs)]
             c = costs.get(v)
             cells += ([c["bytes_up"].text("{:.2f}"), c["sim_time_s"].text("{:.1f}")]
                       if c else ["-", "-"])
+            cells.append(_signed(gains[v]) if v in gains else "-")
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -182,6 +197,12 @@ class RepeatedComparison:
             return f"{what}, seed {self.seeds[0]}"
         return (f"{what}: mean ± 95% half-width over {len(self.runs)} seeds "
                 f"({', '.join(map(str, self.seeds))}; Student t, n={len(self.runs)})")
+
+
+def _signed(iv: Interval) -> str:
+    """``+0.012 ± 0.034``: a difference's sign on its mean only."""
+    text = iv.text("{:.3f}")
+    return text if text == "-" or iv.mean < 0 else "+" + text
 
 
 def variants(projectors: Sequence[str], lars: str) -> list[Variant]:

@@ -114,13 +114,21 @@ def test_write_repeated_comparison_files(repeated, tmp_path):
     # Costs: pad's run sent 2, 3, 4 MB (mean 3, s = 1) in 10, 12, 14 s (mean 12, s = 2); lstsq
     # has no cost of its own recorded here, start none at all.
     h_mb, h_s = T975_DF2 * 1 / math.sqrt(3), T975_DF2 * 2 / math.sqrt(3)
-    assert md.splitlines()[2].endswith(" | MB up | sim time s |")
+    assert md.splitlines()[2].endswith(" | MB up | sim time s | final − start (paired) |")
     assert (f"| pad | {repeated.intervals()['pad'][0].text()} | "
             f"{repeated.intervals()['pad'][1].text()} | 3.00 ± {h_mb:.2f} | 12.0 ± {h_s:.1f} |"
             in md)
     assert "| homogeneous | 0.600 ± 0.000 | 0.700 ± 0.000 | 9.00 ± " in md
-    assert "| lstsq | 0.550 ± 0.000 | 0.650 ± 0.000 | - | - |" in md
-    assert "| start | 0.400 ± 0.000 | 0.400 ± 0.000 | - | - |" in md
+    assert "| lstsq | 0.550 ± 0.000 | 0.650 ± 0.000 | - | - | +0.250 ± 0.000 |" in md
+    assert "| start | 0.400 ± 0.000 | 0.400 ± 0.000 | - | - | - |" in md
+    # pad's final - start per seed: 0.20, 0.26, 0.23 (each seed's start is 0.40)
+    d = [0.20, 0.26, 0.23]
+    m = sum(d) / 3
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / 2)
+    gain = repeated.gains()["pad"]
+    assert gain.mean == pytest.approx(m) and gain.half_width == pytest.approx(
+        T975_DF2 * sd / math.sqrt(3), rel=1e-4)
+    assert md.splitlines()[5].startswith("| pad |") and f"| +{gain.text()} |" in md.splitlines()[5]
 
     png = out / "plots" / "comparison.png"
     assert png.stat().st_size > 10_000
@@ -137,8 +145,8 @@ def test_one_comparison_bare_table(tmp_path):
     assert [r["seed"] for r in read(out / "comparison_by_seed.csv")] == ["1"] * 5
     md = (out / "comparison.md").read_text()
     assert md == one.markdown() + "\n" and "±" not in md
-    assert md.splitlines()[2] == "| start | 0.400 | 0.400 | - | - |"
-    assert md.splitlines()[3].endswith("| 0.520 | 0.660 | 3.00 | 12.0 |")
+    assert md.splitlines()[2] == "| start | 0.400 | 0.400 | - | - | - |"
+    assert md.splitlines()[3].endswith("| 0.520 | 0.660 | 3.00 | 12.0 | +0.260 |")
 
 
 def test_run_cost_reads_bytes_up_and_sim_time_of_a_summary():
