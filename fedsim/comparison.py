@@ -87,8 +87,8 @@ class Comparison:
     def to_json(self, key: dict) -> str:
         """The comparison and the ``key`` it answers (see :func:`comparison_key`)."""
         return json.dumps({"key": key, "metric": self.metric, "seed": self.seed,
-                           "by_variant": self.by_variant, "costs": self.costs},
-                          indent=1, sort_keys=True) + "\n"
+                           "by_variant": self.by_variant, "order": list(self.by_variant),
+                           "costs": self.costs}, indent=1, sort_keys=True) + "\n"
 
     @classmethod
     def read(cls, path: Path, key: dict) -> Comparison | None:
@@ -99,7 +99,9 @@ class Comparison:
             return None
         if d.get("key") != key:
             return None
-        return cls(d["metric"], d["by_variant"], int(d["seed"]), d["costs"])
+        rows = d["by_variant"]  # in the table's order (JSON keys are sorted)
+        return cls(d["metric"], {v: rows[v] for v in d.get("order", rows)}, int(d["seed"]),
+                   d["costs"])
 
     def rows(self) -> list[dict[str, object]]:
         """The rows of comparison_by_seed.csv: ``seed, variant, round, <metric>``."""

@@ -176,6 +176,8 @@ def test_a_finished_seed_is_kept_and_a_changed_one_reruns(tmp_path, monkeypatch)
     assert kept and calls == [0.01] and again.result is None
     assert (again.metric, again.seed, again.by_variant, again.costs) == (
         first.metric, first.seed, first.by_variant, first.costs)
+    assert list(again.by_variant) == list(first.by_variant) == [START, "pad", "lstsq",
+                                                                "homogeneous"]  # row order
     _, kept = compare_kept(scen, chosen, 0.02, ["homogeneous"], run_dir)
     assert not kept and calls == [0.01, 0.02]
     (run_dir / "summary.json").unlink()
