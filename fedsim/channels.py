@@ -37,6 +37,7 @@ from fedsim.clock import NOOP, Clock, Tag
 from fedsim.devices import Fleet
 from fedsim.errors import FedsimError
 from fedsim.interference import Interference
+from fedsim.mobility import Mobility
 from fedsim.plugins import CHANNELS, ChannelConfig
 from fedsim.rng import hashed_exponential, hashed_uniform_one, stream
 from fedsim.scenario import CellConfig, Scenario
@@ -145,26 +146,37 @@ class PathlossChannel(Channel):
     def __init__(self, cfg: ChannelConfig, cells: list[CellConfig], fleet: Fleet,
                  rng: np.random.Generator) -> None:
         super().__init__(cfg, cells, fleet, rng)
-        shadow_db = cfg.shadowing_sigma_db * rng.standard_normal(fleet.size)  # location: UL = DL
+        self.shadow_db = cfg.shadowing_sigma_db * rng.standard_normal(fleet.size)  # UL = DL
         self._fading_key = int(rng.integers(0, 2**63))
-        loss_db = pathloss_db(fleet.distance_m) + shadow_db
+        self._set_snr(fleet.distance_m, self.shadow_db)
+        self._outage_lin = 10.0 ** (cfg.outage_snr_db / 10.0)
+        self.mobility: Mobility | None = None  # set by Network when clients move
+        # For fedsim.interference: each client's EIRP at a site, each cell's uplink noise.
+        self.uplink_tx_dbm = fleet.tx_power_dbm + fleet.antenna_gain_dbi + BS_ANTENNA_GAIN_DBI
+        self.uplink_noise_dbm = np.array([THERMAL_NOISE_DBM_PER_HZ + 10 * math.log10(
+            c.uplink_bandwidth_hz) + BS_NOISE_FIGURE_DB for c in cells])
+        self.interference: Interference | None = None  # set by Network when modelled
+
+    def _set_snr(self, distance_m: np.ndarray, shadow_db: np.ndarray) -> None:
+        """Full-band SNR without fading, dB and linear, per client and direction, from each
+        client's distance to its serving site and its shadowing there."""
+        fleet, cells = self.fleet, self.cells
+        loss_db = pathloss_db(distance_m) + shadow_db
         cell = np.clip(fleet.cell, 0, None)
         ul_bw = np.array([c.uplink_bandwidth_hz for c in cells])[cell]
         dl_bw = np.array([c.downlink_bandwidth_hz for c in cells])[cell]
         bs_power = np.array([c.bs_tx_power_dbm for c in cells])[cell]
-        # Full-band SNR without fading, in dB, per client and direction.
         ul_rx = fleet.tx_power_dbm + fleet.antenna_gain_dbi + BS_ANTENNA_GAIN_DBI - loss_db
         dl_rx = bs_power + BS_ANTENNA_GAIN_DBI + fleet.antenna_gain_dbi - loss_db
         ul_noise = THERMAL_NOISE_DBM_PER_HZ + 10 * np.log10(ul_bw) + BS_NOISE_FIGURE_DB
         dl_noise = THERMAL_NOISE_DBM_PER_HZ + 10 * np.log10(dl_bw) + fleet.noise_figure_db
         self.snr_db = {UPLINK: ul_rx - ul_noise, DOWNLINK: dl_rx - dl_noise}
         self._snr_lin = {d: 10.0 ** (v / 10.0) for d, v in self.snr_db.items()}
-        self._outage_lin = 10.0 ** (cfg.outage_snr_db / 10.0)
-        # For fedsim.interference: each client's EIRP at a site, each cell's uplink noise.
-        self.uplink_tx_dbm = fleet.tx_power_dbm + fleet.antenna_gain_dbi + BS_ANTENNA_GAIN_DBI
-        self.uplink_noise_dbm = np.array([THERMAL_NOISE_DBM_PER_HZ + 10 * math.log10(
-            c.uplink_bandwidth_hz) + BS_NOISE_FIGURE_DB for c in cells])
-        self.interference: Interference | None = None  # set by Network when modelled
+
+    def _sync(self, t: float) -> None:
+        """Clients that move: bring positions, shadowing and serving cells up to ``t``."""
+        if self.mobility is not None and self.mobility.advance_to(t):
+            self._set_snr(self.mobility.distance_m(), self.mobility.shadow_db)
 
     def _sinr(self, cell: int, direction: str, state: np.ndarray | float) -> np.ndarray | float:
         """The full-band SNR with the co-channel cells' uplink interference: SNR / (1 + I/N)."""
@@ -176,15 +188,17 @@ class PathlossChannel(Channel):
         return math.floor(t / self.cfg.coherence_time_s + 1e-9)
 
     def next_change_s(self, t: float) -> float:
+        moves = math.inf if self.mobility is None else self.mobility.next_change_s(t)
         if not self.cfg.fading:
-            return math.inf
-        return (self._block(t) + 1) * self.cfg.coherence_time_s
+            return moves
+        return min((self._block(t) + 1) * self.cfg.coherence_time_s, moves)
 
     def previous_block_s(self, t: float) -> float:
         return t - self.cfg.coherence_time_s if self.cfg.fading else t
 
     def flow_state(self, direction: str, clients: np.ndarray, t: float) -> np.ndarray:
         """Full-band SNR (linear) of each client at ``t``, fading included."""
+        self._sync(t)
         snr = self._snr_lin[direction][clients]
         if not self.cfg.fading:
             return snr
@@ -192,6 +206,7 @@ class PathlossChannel(Channel):
         return snr * rayleigh_power_gain(self._fading_key, clients, self._block(t), stream)
 
     def flow_state_one(self, direction: str, client: int, t: float) -> float:
+        self._sync(t)
         snr = float(self._snr_lin[direction][client])
         if not self.cfg.fading:
             return snr
@@ -566,6 +581,14 @@ class Network:
             channel.interference = self.interference
             for link in self.cells[UPLINK]:
                 link.on_flows_changed = self._interfere
+        self.mobility: Mobility | None = None
+        moves = scenario.network.mobility
+        if moves.model != "static":  # validated: pathloss, no interference
+            assert isinstance(channel, PathlossChannel)
+            self.mobility = Mobility(moves, cells, fleet, cfg.inter_site_distance_m,
+                                     channel.shadow_db, scenario.network.channel.shadowing_sigma_db,
+                                     stream(scenario.seed, "positions"))
+            channel.mobility = self.mobility
 
     def _interfere(self, link: SharedLink) -> None:
         """``link``'s flows changed: new I/N at the co-channel sites, whose active flows
@@ -593,11 +616,16 @@ class Network:
     # --- snapshot protocol (fedsim.checkpoint): between rounds, when no flow is active ----
 
     def state(self) -> dict[str, Any]:
-        return {"links": {name: link.state() for name, link in self.links()},
+        return {**({"mobility": self.mobility.state()} if self.mobility else {}),
+                "links": {name: link.state() for name, link in self.links()},
                 "wired_bits": self.wired.bits_carried,
                 "wired_ends": {str(c): t for c, t in self.wired.ends.items()}}
 
     def restore(self, state: dict[str, Any]) -> None:
+        if self.mobility is not None:
+            assert isinstance(self.channel, PathlossChannel)
+            self.mobility.restore(state["mobility"])
+            self.channel._set_snr(self.mobility.distance_m(), self.mobility.shadow_db)
         links = dict(self.links())
         for name, doc in state["links"].items():
             links[name].restore(doc)

@@ -165,10 +165,34 @@ class InterferenceConfig(Config):
     inter_site_distance_m: PositiveFloat = 500.0  # 3GPP TR 38.901 UMa
 
 
+class MobilityConfig(Config):
+    """How clients move (see ``fedsim.mobility``): ``static`` (as before), ``random-waypoint``
+    or ``trace`` (a CSV of positions); positions update every ``update_s``."""
+
+    model: Literal["static", "random-waypoint", "trace"] = "static"
+    speed_mps: tuple[NonNegFloat, NonNegFloat] = (0.5, 1.5)  # pedestrians
+    pause_s: NonNegFloat = 30.0
+    update_s: PositiveFloat = 1.0
+    trace_path: str | None = None
+    decorrelation_m: PositiveFloat = 50.0  # Gudmundson; 3GPP TR 36.814 UMa: 50 m
+    handover: bool = False
+    hysteresis_db: NonNegFloat = 3.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MobilityConfig:
+        if self.speed_mps[0] > self.speed_mps[1]:
+            raise ValueError(f"speed_mps must be [min, max] with min <= max, got "
+                             f"{list(self.speed_mps)}")
+        if self.model == "trace" and not self.trace_path:
+            raise ValueError("trace_path: mobility model trace needs a CSV of positions")
+        return self
+
+
 class NetworkConfig(Config):
     channel: CHANNELS.union("static") = StaticChannelConfig()
     cells: list[CellConfig] = Field(default_factory=lambda: [CellConfig()], min_length=1)
     interference: InterferenceConfig = InterferenceConfig()
+    mobility: MobilityConfig = MobilityConfig()
 
     @model_validator(mode="after")
     def _interference_needs_a_radio_channel(self) -> NetworkConfig:
@@ -176,6 +200,13 @@ class NetworkConfig(Config):
             raise ValueError(f"network.interference.model: {self.interference.model} needs a "
                              f"channel with a signal-to-noise ratio (network.channel.name="
                              f"pathloss), got {self.channel.name}")
+        if self.mobility.model != "static" and not self.channel.has_snr:
+            raise ValueError(f"network.mobility.model: {self.mobility.model} needs a channel "
+                             f"whose rates follow the distance (network.channel.name=pathloss), "
+                             f"got {self.channel.name}")
+        if self.mobility.model != "static" and self.interference.model != "none":
+            raise ValueError("network.mobility.model: moving clients with interference is not "
+                             "modelled yet (the interference gains are fixed at the start)")
         positions = [c.position_m is not None for c in self.cells]
         if any(positions) and not all(positions):
             raise ValueError("network.cells: give position_m for every cell or for none")
