@@ -102,6 +102,13 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} PB"
 
 
+def _fmt_joules(j: float) -> str:
+    for scale, unit in ((1e6, "MJ"), (1e3, "kJ")):
+        if j >= scale:
+            return f"{j / scale:.1f} {unit}"
+    return f"{j:.1f} J"
+
+
 def format_summary(s: dict[str, Any], run_dir: Path) -> str:
     """The one-screen summary printed at the end of a run."""
     lat, ov, ut, comm = s["latency_s"], s["overload"], s["utilization"], s["comm"]
@@ -129,6 +136,17 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
               "failed jobs": ov.get("failed_jobs", 0)}
     if any(faults.values()):  # only when something went wrong: the line names what
         lines.insert(-1, "faults           " + ", ".join(f"{k} {v}" for k, v in faults.items()))
+    energy = s.get("energy_j") or {}
+    if energy:  # joules per device class, all phases, and the median per update
+        lines.append("energy           " + ", ".join(
+            f"{cls} {_fmt_joules(sum(p['total'] for p in ph.values()))} "
+            f"(p50/update {_fmt_joules(sum(p['p50'] for p in ph.values()))})"
+            for cls, ph in energy.items()))
+    sel = s.get("selection")
+    if sel and sel.get("uploads"):
+        lines.append(f"selection        {sel['name']}: expected {sel['expected_s']['p50']:.3f} s, "
+                     f"actual {sel['actual_s']['p50']:.3f} s per update (p50), "
+                     f"|error| p50 {sel['abs_error_s']['p50']:.3f} s")
     q = s["quality"]
     if q["metric"] and q["server_by_round"]:
         vals = " ".join("-" if v is None else f"{v:.3f}" for v in q["server_by_round"])

@@ -173,3 +173,17 @@ def test_a_utility_run_resumes_identically(tmp_path):
     a, b = dict(full.summary), dict(resumed.summary)
     a.pop("wall_time_s"), b.pop("wall_time_s")
     assert a == b and math.isfinite(a["selection"]["actual_s"]["p50"])
+
+
+def test_the_one_screen_summary_shows_energy_and_what_selection_expected(tmp_path):
+    from fedsim.cli import format_summary
+
+    sc = scenario(selection={"name": "deadline-aware", "estimate": "exact"})
+    s = run(sc).summary
+    text = format_summary(s, tmp_path)
+    sel = s["selection"]
+    assert (f"selection        deadline-aware: expected {sel['expected_s']['p50']:.3f} s, "
+            f"actual {sel['actual_s']['p50']:.3f} s per update (p50)") in text
+    line = next(x for x in text.splitlines() if x.startswith("energy "))
+    assert "mobile " in line and "laptop " in line and " J" in line
+    assert "selection" not in format_summary(run(scenario()).summary, tmp_path)  # uniform
