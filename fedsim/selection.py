@@ -17,10 +17,11 @@ The expected time of one update is what the selector models, in seconds:
 ``download_bytes·8 / r_down + flops / flops_per_s + upload_bytes·8 / r_up``, r being the rate
 the client's cell would give it shared by the chosen clients of that cell (all download at the
 round's start; their uploads are counted as overlapping, the conservative case). The rates come
-from the channel: ``estimate: exact`` reads the channel state now (today's current coherence
-block), ``realistic`` the previous block's state times a log-normal estimation error of
-``estimate_error_db`` (a client learns its channel from pilots already past and cannot know the
-fading to come). Wired clients' rates are known exactly.
+from the channel (with inter-cell interference on, the SINR counts the chosen clients of the
+co-channel cells sending at once, besides what is active now): ``estimate: exact`` reads the
+channel state now (today's current coherence block), ``realistic`` the previous block's state
+times a log-normal estimation error of ``estimate_error_db`` (a client learns its channel from
+pilots already past and cannot know the fading to come). Wired clients' rates are known exactly.
 
 Every non-uniform selector writes ``expected_s=`` in its ``select`` events and compares, per
 update that finished its upload, what it expected with the time from selection to the upload's
@@ -79,15 +80,25 @@ class Selector(ABC):
         cells, counts = np.unique(sim.fleet.cell[clients], return_counts=True)
         share = dict(zip(cells.tolist(), counts.tolist(), strict=True))
         out = np.empty(len(clients))
+        # The chosen clients' own uploads interfere at the co-channel sites (I/N per site).
+        inter = sim.network.interference
+        extra = (np.zeros(0) if inter is None or not shared or not clients else
+                 (inter.gain_w[clients] * inter.cochannel[sim.fleet.cell[clients].clip(0)]
+                  ).sum(axis=0) / inter.noise_w)
         for i, c in enumerate(clients):
             n = share[int(sim.fleet.cell[c])] if shared else 1
+            cell = int(sim.fleet.cell[c])
+            ratio = float(extra[cell]) if len(extra) and cell >= 0 else 0.0
             down_s = wl.download_bytes_estimate(c) * 8.0 / self._rate(c, DOWNLINK, n, round_)
-            up_s = wl.upload_bytes_estimate(c) * 8.0 / self._rate(c, UPLINK, n, round_)
+            up_s = wl.upload_bytes_estimate(c) * 8.0 / self._rate(c, UPLINK, n, round_, ratio)
             out[i] = down_s + wl.plan(c, round_).flops / sim.fleet.flops_per_s[c] + up_s
         return out
 
-    def _rate(self, client: int, direction: str, sharing: int, round_: int) -> float:
-        """bits/s ``client`` expects among ``sharing`` flows of its cell (itself included)."""
+    def _rate(self, client: int, direction: str, sharing: int, round_: int,
+              interference: float = 0.0) -> float:
+        """bits/s ``client`` expects among ``sharing`` flows of its cell (itself included),
+        with ``interference`` (I/N at its site) from the other chosen clients' uploads on top
+        of what is active now."""
         link = self.sim.network.link(client, direction)
         if not isinstance(link, SharedLink):
             return link.estimate_rate_bps(client)
@@ -98,7 +109,7 @@ class Selector(ABC):
             state = ch.flow_state_one(direction, client, ch.previous_block_s(now))
             state *= 10.0 ** (self.cfg.estimate_error_db * self._error(client, direction, round_)
                               / 10.0)
-        rate = ch.rate_among(link.cell, direction, state, sharing)
+        rate = ch.rate_among(link.cell, direction, state / (1.0 + interference), sharing)
         return rate if rate > 0 else 1e-9  # an outage: expected to take forever
 
     def _error(self, client: int, direction: str, round_: int) -> float:

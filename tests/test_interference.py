@@ -144,3 +144,22 @@ def test_interference_slows_a_loaded_hex_network_and_resumes_identically(tmp_pat
     shutil.copytree(ckpt, checkpoint.checkpoint_dir(one) / ckpt.name)
     resumed = run(sc, run_dir=one, resume=one)
     assert resumed.recorder.events_csv() == full.recorder.events_csv()
+
+
+def test_fedcs_expects_the_interference_its_own_choice_creates():
+    """Two clients in co-channel cells chosen together: the expected upload is at the SINR
+    their simultaneous uploads give (the closed form above), not the noise-limited rate."""
+    from fedsim.plugins import DeadlineAwareSelectorConfig
+    from fedsim.selection import DeadlineAware
+
+    sim = Simulation(two_cells({"model": "load", "reuse": 1}))
+    sel = DeadlineAware(DeadlineAwareSelectorConfig(deadline_s=60, estimate="exact"), sim)
+    with_sinr, alone = by_hand_uplink_rate(sim, 0, 1)
+    f = sim.fleet
+    rest = 1 * 8 / sim.network.channel.rate_among(0, "downlink",
+                                                   sim.network.channel.flow_state_one(
+                                                       "downlink", 0, 0.0), 1)
+    rest += sim.workload.plan(0, 0).flops / f.flops_per_s[0]
+    both = sel.expected_s([0, 1], 0)[0]
+    assert both == pytest.approx(rest + 2_000_000 * 8 / with_sinr, rel=1e-9)
+    assert sel.expected_s([0], 0)[0] == pytest.approx(rest + 2_000_000 * 8 / alone, rel=1e-9)
