@@ -177,6 +177,8 @@ class PathlossChannel(Channel):
         """Clients that move: bring positions, shadowing and serving cells up to ``t``."""
         if self.mobility is not None and self.mobility.advance_to(t):
             self._set_snr(self.mobility.distance_m(), self.mobility.shadow_db)
+            if self.interference is not None:  # the interfering links moved too
+                self.interference.moved(self.mobility.pos_m)
 
     def _sinr(self, cell: int, direction: str, state: np.ndarray | float) -> np.ndarray | float:
         """The full-band SNR with the co-channel cells' uplink interference: SNR / (1 + I/N)."""
@@ -583,11 +585,13 @@ class Network:
                 link.on_flows_changed = self._interfere
         self.mobility: Mobility | None = None
         moves = scenario.network.mobility
-        if moves.model != "static":  # validated: pathloss, no interference
+        if moves.model != "static":  # validated: pathloss
             assert isinstance(channel, PathlossChannel)
-            self.mobility = Mobility(moves, cells, fleet, cfg.inter_site_distance_m,
-                                     channel.shadow_db, scenario.network.channel.shadowing_sigma_db,
-                                     stream(scenario.seed, "positions"))
+            self.mobility = Mobility(
+                moves, cells, fleet, cfg.inter_site_distance_m, channel.shadow_db,
+                scenario.network.channel.shadowing_sigma_db,
+                stream(scenario.seed, "mobility" if self.interference else "positions"),
+                start_m=None if self.interference is None else self.interference.clients_m)
             channel.mobility = self.mobility
 
     def _interfere(self, link: SharedLink) -> None:
@@ -626,6 +630,8 @@ class Network:
             assert isinstance(self.channel, PathlossChannel)
             self.mobility.restore(state["mobility"])
             self.channel._set_snr(self.mobility.distance_m(), self.mobility.shadow_db)
+            if self.interference is not None:
+                self.interference.moved(self.mobility.pos_m)
         links = dict(self.links())
         for name, doc in state["links"].items():
             links[name].restore(doc)

@@ -12,8 +12,10 @@ proportion to its load, so the band-averaged interference is the sum of their po
 
 with PL the channel's 3GPP path loss, X_uj an independent log-normal shadowing draw of the
 channel's sigma per (client, site), no fast fading on interfering links (it averages out over
-the band). The flow's full-band SNR becomes SINR = SNR / (1 + I_j / N_j), N_j the site's
-thermal noise over the uplink band; OFDMA's K-fold SNR per subband applies on top as before.
+the band); with moving clients (``fedsim.mobility``) the gains follow the positions every epoch,
+the interfering links' shadowing staying as drawn. The flow's full-band SNR becomes
+SINR = SNR / (1 + I_j / N_j), N_j the site's thermal noise over the uplink band; OFDMA's
+K-fold SNR per subband applies on top as before.
 Reuse 1: every other cell is co-channel; reuse 3: a 3-colouring of the hexagonal grid (axial
 coordinates (q, r) -> (q − r) mod 3), so co-channel sites are at least √3 ISD apart; explicit
 positions take the colour of cell index mod 3. I_j is recomputed whenever a flow joins or
@@ -79,24 +81,39 @@ class Interference:
         theta = rng.uniform(0.0, 2.0 * math.pi, fleet.size)
         self.clients_m = self.sites_m[own] + fleet.distance_m[:, None] * np.stack(
             [np.cos(theta), np.sin(theta)], axis=1)
-        d_m = np.linalg.norm(self.clients_m[:, None, :] - self.sites_m[None, :, :], axis=2)
-        loss_db = 128.1 + 37.6 * np.log10(np.maximum(d_m, 1.0) / 1000.0)
-        loss_db += shadowing_sigma_db * rng.standard_normal(loss_db.shape)
-        gain_w = 10.0 ** ((tx_dbm[:, None] - loss_db - 30.0) / 10.0)  # at each site (W)
+        self.tx_dbm = np.asarray(tx_dbm, dtype=float)
+        self.wireless = wireless
+        # Shadowing of every (client, site) link, as drawn (it does not follow a moving client).
+        self.cross_shadow_db = shadowing_sigma_db * rng.standard_normal(
+            (fleet.size, n_cells))
         col = colours(cells)
         cochannel = (np.ones((n_cells, n_cells), dtype=bool) if cfg.reuse == 1
                      else col[:, None] == col[None, :])
         np.fill_diagonal(cochannel, False)
         self.cochannel = cochannel  # [i, j]: cell i's transmitters interfere at site j
-        gain_w[~wireless] = 0.0
-        self.gain_w = gain_w  # (clients, sites)
         self.noise_w = 10.0 ** ((np.asarray(noise_dbm, dtype=float) - 30.0) / 10.0)
         self.received_w = np.zeros((n_cells, n_cells))  # [i, j]: cell i's active power at j
         self.ratio = np.zeros(n_cells)  # I/N at each site
+        self.active: dict[int, np.ndarray] = {}  # cell -> its clients sending now
+        self.moved(self.clients_m)
+
+    def moved(self, clients_m: np.ndarray) -> None:
+        """The clients are at ``clients_m`` now (mobility): every (client, site) gain, and each
+        site's I/N from the clients sending now, again."""
+        self.clients_m = clients_m
+        d_m = np.linalg.norm(clients_m[:, None, :] - self.sites_m[None, :, :], axis=2)
+        loss_db = 128.1 + 37.6 * np.log10(np.maximum(d_m, 1.0) / 1000.0) + self.cross_shadow_db
+        gain_w = 10.0 ** ((self.tx_dbm[:, None] - loss_db - 30.0) / 10.0)  # at each site (W)
+        gain_w[~self.wireless] = 0.0
+        self.gain_w = gain_w  # (clients, sites)
+        for cell, active in self.active.items():
+            self.received_w[cell] = self.gain_w[active].sum(axis=0) if len(active) else 0.0
+        self.ratio = (self.received_w * self.cochannel).sum(axis=0) / self.noise_w
 
     def update(self, cell: int, active: np.ndarray) -> list[int]:
         """Cell ``cell``'s active uplink clients are now ``active``: recompute every site's
         I/N; returns the cells whose interference changed (co-channel with ``cell``)."""
+        self.active[cell] = np.array(active, dtype=np.int64)
         self.received_w[cell] = self.gain_w[active].sum(axis=0) if len(active) else 0.0
         total = (self.received_w * self.cochannel).sum(axis=0)
         self.ratio = total / self.noise_w

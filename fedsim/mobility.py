@@ -19,7 +19,8 @@ a client whose best site (path loss + its shadowing, taken as common to all site
 serving one by ``hysteresis_db`` is handed over at that epoch: its next transfers use the new
 cell; a transfer in progress finishes on the cell it started on. The channel recomputes the
 moved clients' SNR each epoch (vectorized over clients) and its links refresh their flows' rates
-then (an epoch is a channel change, like a fading block).
+then (an epoch is a channel change, like a fading block). With inter-cell interference on, the
+clients start where ``fedsim.interference`` placed them and its gains follow them.
 """
 
 from __future__ import annotations
@@ -78,14 +79,18 @@ class Mobility:
 
     def __init__(self, cfg: MobilityConfig, cells: list[CellConfig], fleet: Fleet,
                  isd_m: float, shadow_db: np.ndarray, sigma_db: float,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, start_m: np.ndarray | None = None) -> None:
+        """``start_m``: the clients' positions where another model placed them already
+        (interference); else drawn here as the module text says."""
         self.cfg, self.fleet, self.sigma_db = cfg, fleet, sigma_db
         self.sites_m = site_positions_m(cells, isd_m)
         self.wireless = fleet.cell >= 0
-        theta = rng.uniform(0.0, 2.0 * math.pi, fleet.size)
-        own = np.clip(fleet.cell, 0, None)
-        self.start_m = self.sites_m[own] + fleet.distance_m[:, None] * np.stack(
-            [np.cos(theta), np.sin(theta)], axis=1)
+        if start_m is None:
+            theta = rng.uniform(0.0, 2.0 * math.pi, fleet.size)
+            own = np.clip(fleet.cell, 0, None)
+            start_m = self.sites_m[own] + fleet.distance_m[:, None] * np.stack(
+                [np.cos(theta), np.sin(theta)], axis=1)
+        self.start_m = np.array(start_m, dtype=float)
         self.pos_m = self.start_m.copy()
         self.shadow_db = np.asarray(shadow_db, dtype=float).copy()
         self.radius_m = float(np.linalg.norm(self.sites_m, axis=1).max() + fleet.distance_m.max())

@@ -204,9 +204,6 @@ class NetworkConfig(Config):
             raise ValueError(f"network.mobility.model: {self.mobility.model} needs a channel "
                              f"whose rates follow the distance (network.channel.name=pathloss), "
                              f"got {self.channel.name}")
-        if self.mobility.model != "static" and self.interference.model != "none":
-            raise ValueError("network.mobility.model: moving clients with interference is not "
-                             "modelled yet (the interference gains are fixed at the start)")
         positions = [c.position_m is not None for c in self.cells]
         if any(positions) and not all(positions):
             raise ValueError("network.cells: give position_m for every cell or for none")

@@ -102,11 +102,30 @@ def test_random_waypoints_stay_in_the_layout_and_the_run_resumes_identically(tmp
 @pytest.mark.parametrize(("network", "message"), [
     ({"mobility": {"model": "trace"}}, "trace_path: mobility model trace needs a CSV"),
     ({"mobility": {"model": "random-waypoint"}}, "needs a channel whose rates follow"),
-    ({"channel": {"name": "pathloss"}, "mobility": {"model": "random-waypoint"},
-      "interference": {"model": "load"}}, "moving clients with interference is not modelled"),
     ({"mobility": {"speed_mps": [3, 1]}}, "speed_mps must be"),
 ])
 def test_mobility_config_errors(network, message):
     with pytest.raises(ScenarioError, match=message):
         validate({"name": "x", "rounds": 1, "workload": {"name": "synthetic"},
                   "clients": [{"profile": "mobile", "count": 1}], "network": network})
+
+
+def test_moving_clients_with_interference_move_their_interference_and_resume(tmp_path):
+    sc = world({"model": "random-waypoint", "speed_mps": [10, 30], "pause_s": 0,
+                "handover": True}, cells=({}, {}, {}), clients=90, sigma=6.0, rounds=3,
+               output={"checkpoint_every": 1})
+    sc = sc.model_copy(update={"network": sc.network.model_copy(update={
+        "interference": type(sc.network.interference)(model="load")})})
+    sim = Simulation(sc)
+    inter, mob = sim.network.interference, sim.network.mobility
+    assert np.array_equal(inter.clients_m, mob.pos_m)  # one set of positions
+    before = inter.gain_w.copy()
+    sim.network.channel.flow_state_one(UPLINK, 0, 5.0)  # the channel moves them to t = 5 s
+    assert np.array_equal(inter.clients_m, mob.pos_m) and not np.array_equal(
+        before, inter.gain_w)
+    full = run(sc, run_dir=tmp_path / "full")
+    ckpt = sorted(checkpoint.checkpoint_dir(tmp_path / "full").iterdir())[0]
+    one = tmp_path / "one"
+    shutil.copytree(ckpt, checkpoint.checkpoint_dir(one) / ckpt.name)
+    resumed = run(sc, run_dir=one, resume=one)
+    assert resumed.recorder.events_csv() == full.recorder.events_csv()
