@@ -57,6 +57,13 @@ def hex_positions_m(n: int, isd_m: float) -> np.ndarray:
     return np.stack([x, y], axis=1)
 
 
+def site_positions_m(cells: list[CellConfig], isd_m: float) -> np.ndarray:
+    """(cells, 2) coordinates of the sites: explicit ``position_m``, else hexagonal."""
+    if all(c.position_m is not None for c in cells):
+        return np.array([c.position_m for c in cells], dtype=float)
+    return hex_positions_m(len(cells), isd_m)
+
+
 def colours(cells: list[CellConfig]) -> np.ndarray:
     """The reuse-3 colour of each cell (see the module text)."""
     if any(c.position_m is not None for c in cells):
@@ -73,9 +80,7 @@ class Interference:
         """``tx_dbm``: per client its transmit power plus both antenna gains (dBm);
         ``noise_dbm``: per cell the site's thermal noise over its uplink band."""
         n_cells = len(cells)
-        self.sites_m = (np.array([c.position_m for c in cells], dtype=float)
-                        if all(c.position_m is not None for c in cells)
-                        else hex_positions_m(n_cells, cfg.inter_site_distance_m))
+        self.sites_m = site_positions_m(cells, cfg.inter_site_distance_m)
         wireless = fleet.cell >= 0
         own = np.clip(fleet.cell, 0, None)
         theta = rng.uniform(0.0, 2.0 * math.pi, fleet.size)

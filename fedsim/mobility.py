@@ -34,15 +34,8 @@ import numpy as np
 
 from fedsim.devices import Fleet
 from fedsim.errors import FedsimError
-from fedsim.interference import hex_positions_m
+from fedsim.interference import site_positions_m
 from fedsim.scenario import CellConfig, MobilityConfig
-
-
-def site_positions_m(cells: list[CellConfig], isd_m: float) -> np.ndarray:
-    """(cells, 2) coordinates of the sites: explicit ``position_m``, else hexagonal."""
-    if all(c.position_m is not None for c in cells):
-        return np.array([c.position_m for c in cells], dtype=float)
-    return hex_positions_m(len(cells), isd_m)
 
 
 def read_positions(path: Path) -> tuple[list[np.ndarray], list[np.ndarray], bool]:

@@ -48,6 +48,16 @@ def _outcome(result) -> tuple[dict, str]:
     return summary, result.recorder.events_csv()
 
 
+def full_and_resumed(sc, tmp_path, index: int = 0):
+    """Run ``sc`` writing its checkpoints, then resume a fresh directory from checkpoint
+    ``index`` alone: (the full run's result, the resumed one's)."""
+    full = run(sc, run_dir=tmp_path / "full")
+    ckpt = sorted(checkpoint.checkpoint_dir(tmp_path / "full").iterdir())[index]
+    one = tmp_path / f"from-{ckpt.name}"
+    shutil.copytree(ckpt, checkpoint.checkpoint_dir(one) / ckpt.name)
+    return full, run(sc, run_dir=one, resume=one)
+
+
 def _resume_from_each(sc, tmp_path) -> int:
     """Run once writing every checkpoint, then resume from each one alone: all must end the
     same. Returns the number of checkpoints tried."""

@@ -3,12 +3,11 @@ closed form, reuse 3 and `none` leaving today's rates, interference lifting when
 neighbour's flow ends, a many-cell run that resumes identically."""
 
 import math
-import shutil
 
 import numpy as np
 import pytest
+from test_checkpoint import full_and_resumed
 
-from fedsim import checkpoint
 from fedsim.channels import BS_ANTENNA_GAIN_DBI, BS_NOISE_FIGURE_DB, UPLINK
 from fedsim.engine import Simulation, run
 from fedsim.interference import colours, hex_axial, hex_positions_m
@@ -138,11 +137,7 @@ def test_interference_slows_a_loaded_hex_network_and_resumes_identically(tmp_pat
     up = [r.summary["latency_s"]["upload"]["p50"] for r in (loaded, quiet)]
     assert up[0] > up[1]
     sc = seven_cells(output={"checkpoint_every": 1})
-    full = run(sc, run_dir=tmp_path / "full")
-    ckpt = sorted(checkpoint.checkpoint_dir(tmp_path / "full").iterdir())[0]
-    one = tmp_path / "one"
-    shutil.copytree(ckpt, checkpoint.checkpoint_dir(one) / ckpt.name)
-    resumed = run(sc, run_dir=one, resume=one)
+    full, resumed = full_and_resumed(sc, tmp_path, 0)
     assert resumed.recorder.events_csv() == full.recorder.events_csv()
 
 

@@ -2,12 +2,11 @@
 shadowing, handover with hysteresis, random waypoints inside the layout, resume, validation."""
 
 import math
-import shutil
 
 import numpy as np
 import pytest
+from test_checkpoint import full_and_resumed
 
-from fedsim import checkpoint
 from fedsim.channels import BS_ANTENNA_GAIN_DBI, BS_NOISE_FIGURE_DB, UPLINK
 from fedsim.engine import Simulation, run
 from fedsim.scenario import ScenarioError, validate
@@ -88,14 +87,10 @@ def test_random_waypoints_stay_in_the_layout_and_the_run_resumes_identically(tmp
     mob.advance_to(200.0)
     assert (np.linalg.norm(mob.pos_m, axis=1) <= mob.radius_m + 1e-6).all()
     assert set(sim.fleet.cell.tolist()) <= {0, 1, 2}
-    full = run(sc, run_dir=tmp_path / "full")
+    full, resumed = full_and_resumed(sc, tmp_path, 1)
     static = run(sc.model_copy(update={"network": sc.network.model_copy(update={
         "mobility": type(sc.network.mobility)()})}))
     assert full.recorder.events_csv() != static.recorder.events_csv()  # they do move
-    ckpt = sorted(checkpoint.checkpoint_dir(tmp_path / "full").iterdir())[1]
-    one = tmp_path / "one"
-    shutil.copytree(ckpt, checkpoint.checkpoint_dir(one) / ckpt.name)
-    resumed = run(sc, run_dir=one, resume=one)
     assert resumed.recorder.events_csv() == full.recorder.events_csv()
 
 
@@ -123,9 +118,5 @@ def test_moving_clients_with_interference_move_their_interference_and_resume(tmp
     sim.network.channel.flow_state_one(UPLINK, 0, 5.0)  # the channel moves them to t = 5 s
     assert np.array_equal(inter.clients_m, mob.pos_m) and not np.array_equal(
         before, inter.gain_w)
-    full = run(sc, run_dir=tmp_path / "full")
-    ckpt = sorted(checkpoint.checkpoint_dir(tmp_path / "full").iterdir())[0]
-    one = tmp_path / "one"
-    shutil.copytree(ckpt, checkpoint.checkpoint_dir(one) / ckpt.name)
-    resumed = run(sc, run_dir=one, resume=one)
+    full, resumed = full_and_resumed(sc, tmp_path, 0)
     assert resumed.recorder.events_csv() == full.recorder.events_csv()

@@ -5,12 +5,11 @@ exploration and utility order, validation, resume. Network-only (synthetic) worl
 import csv
 import io
 import math
-import shutil
 
 import numpy as np
 import pytest
+from test_checkpoint import full_and_resumed
 
-from fedsim import checkpoint
 from fedsim.engine import Simulation, run
 from fedsim.scenario import ScenarioError, load, validate
 
@@ -164,11 +163,7 @@ def test_a_utility_run_resumes_identically(tmp_path):
     sc = scenario(selection={"name": "utility", "exploration": 0.3}, rounds=4,
                   round_policy={"name": "deadline", "deadline_s": 6.0, "clients_per_round": 4},
                   output={"checkpoint_every": 1})
-    full = run(sc, run_dir=tmp_path / "full")
-    ckpt = sorted(checkpoint.checkpoint_dir(tmp_path / "full").iterdir())[1]
-    one = tmp_path / "one"
-    shutil.copytree(ckpt, checkpoint.checkpoint_dir(one) / ckpt.name)
-    resumed = run(sc, run_dir=one, resume=one)
+    full, resumed = full_and_resumed(sc, tmp_path, 1)
     assert resumed.recorder.events_csv() == full.recorder.events_csv()
     a, b = dict(full.summary), dict(resumed.summary)
     a.pop("wall_time_s"), b.pop("wall_time_s")
