@@ -112,8 +112,9 @@ HETEROGENEITY: dict[str, Callable[[ClientResult], float]] = {
 
 
 def sample_weights(results: list[ClientResult]) -> torch.Tensor:
-    """FedAvg's unnormalized weights: samples × the round policy's weight."""
-    return torch.tensor([r.num_samples * r.weight for r in results], dtype=torch.float64)
+    """FedAvg's unnormalized weights: n_k (the client's local data set, McMahan et al. 2017's
+    n_k/n; the job's examples where unknown) × the round policy's weight."""
+    return torch.tensor([local_samples(r) * r.weight for r in results], dtype=torch.float64)
 
 
 def alpha_weights(results: list[ClientResult], quality: str, heterogeneity: str) -> torch.Tensor:
@@ -230,11 +231,11 @@ class Aggregator(ABC):
 
 @AGGREGATORS.register("fedavg")
 class FedAvg(Aggregator):
-    """McMahan et al. 2017: average of same-family updates weighted by sample count."""
+    """McMahan et al. 2017: average of same-family updates weighted by n_k, the clients' local
+    data set sizes."""
 
     def aggregate(self, round_: int, results: list[ClientResult], failures: int) -> Delta:
-        weights = torch.tensor([r.num_samples * r.weight for r in results], dtype=torch.float64)
-        return weighted_average([r.delta for r in results], weights)
+        return weighted_average([r.delta for r in results], sample_weights(results))
 
     def weights(self, results: list[ClientResult]) -> torch.Tensor:
         return normalize(sample_weights(results))

@@ -280,7 +280,8 @@ def test_exact_lora_family_adapter_is_the_weighted_mean_of_products():
     wl.aggregate = spy
     sim.run()
     assert seen and fam.version == 1
-    sizes = torch.tensor([a.result.num_samples * a.weight for a in seen], dtype=torch.float64)
+    # FedAvg: n_k, each client's local data set, not the examples one job touched
+    sizes = torch.tensor([a.result.dataset_size * a.weight for a in seen], dtype=torch.float64)
     w = sizes / sizes.sum()
     for m in lora_modules(start):
         a0, b0 = start[m + ".lora_A.weight"].double(), start[m + ".lora_B.weight"].double()
