@@ -360,11 +360,33 @@ class TimedSelectorConfig(SelectorConfig):
     estimate_error_db: NonNegFloat = 2.0
 
 
+def _check_over_selection(name: str, policy: RoundPolicyConfig) -> str | None:
+    """What is wrong with keeping the first k arrivals of ``policy``'s rounds, if anything."""
+    if not policy.closes_rounds:
+        return (f"selection.name: {name} keeps the first k arrivals of a round; "
+                f"{policy.name} rounds have none (use sync or deadline)")
+    if getattr(policy, "clients_per_round", None) is None:
+        return (f"round_policy.clients_per_round: {name} needs k, the arrivals a round "
+                f"keeps")
+    return None
+
+
+OverSelection = Annotated[float, Field(ge=1, le=10, allow_inf_nan=False)]
+
+
 @SELECTORS.options("uniform")
 class UniformSelectorConfig(SelectorConfig):
-    """k distinct clients uniformly at random (the round policy's ``clients_per_round``)."""
+    """ceil(over_selection·k) distinct clients uniformly at random (k: the round policy's
+    ``clients_per_round``); with ``over_selection`` > 1 the round keeps the first k arrivals
+    and stops the rest (Bonawitz et al. 2019 select 130 % of the target)."""
 
     name: Literal["uniform"] = "uniform"
+    over_selection: OverSelection = 1.0
+
+    def check_rounds(self, policy: RoundPolicyConfig) -> str | None:
+        if self.over_selection > 1:
+            return _check_over_selection("uniform with over_selection > 1", policy)
+        return None
 
 
 @SELECTORS.options("deadline-aware")
@@ -389,16 +411,10 @@ class FastestKSelectorConfig(TimedSelectorConfig):
     arrivals kept (k: ``round_policy.clients_per_round``)."""
 
     name: Literal["fastest-k"] = "fastest-k"
-    over_selection: Annotated[float, Field(ge=1, le=10, allow_inf_nan=False)] = 1.3
+    over_selection: OverSelection = 1.3
 
     def check_rounds(self, policy: RoundPolicyConfig) -> str | None:
-        if not policy.closes_rounds:
-            return (f"selection.name: fastest-k keeps the first k arrivals of a round; "
-                    f"{policy.name} rounds have none (use sync or deadline)")
-        if getattr(policy, "clients_per_round", None) is None:
-            return ("round_policy.clients_per_round: fastest-k needs k, the arrivals a round "
-                    "keeps")
-        return None
+        return _check_over_selection("fastest-k", policy)
 
 
 @SELECTORS.options("utility")

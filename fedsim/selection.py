@@ -1,6 +1,8 @@
 """Client selection (registry ``SELECTORS``): which available clients a round starts.
 
-- ``uniform``: k distinct clients uniformly at random (the ``selection`` stream of the seed).
+- ``uniform``: k distinct clients uniformly at random (the ``selection`` stream of the seed);
+  with ``over_selection`` > 1, ceil(over_selection * k) of them and the round keeps the first k
+  that arrive (Bonawitz et al. 2019, "Towards federated learning at scale": 130 % selected).
 - ``deadline-aware`` (FedCS, Nishio & Yonetani 2019): greedily, fastest expected update first,
   add a client while every chosen client's expected update, recomputed with the cell shared by
   the clients chosen so far, still fits the deadline (times ``margin``); at most k.
@@ -50,8 +52,6 @@ class Selector(ABC):
     """Chooses the clients a round (or an async slot) starts, among the available ones."""
 
     name: str
-    #: the round keeps the first ``target(k)`` arrivals and stops the others (fastest-k)
-    over_selects = False
 
     def __init__(self, cfg: SelectorConfig, sim: Simulation) -> None:
         self.cfg, self.sim = cfg, sim
@@ -165,13 +165,17 @@ class Selector(ABC):
 
 @SELECTORS.register("uniform")
 class Uniform(Selector):
-    """k distinct clients uniformly at random among the candidates."""
+    """ceil(over_selection·k) distinct clients uniformly at random among the candidates."""
 
     def select(self, candidates: np.ndarray, k: int | None, round_: int) -> list[int]:
-        if k is None or len(candidates) <= k:
+        n = None if k is None else math.ceil(self.cfg.over_selection * k)
+        if n is None or len(candidates) <= n:
             return [int(c) for c in candidates]
-        return sorted(int(c) for c in self.sim.select_rng.choice(candidates, size=k,
+        return sorted(int(c) for c in self.sim.select_rng.choice(candidates, size=n,
                                                                  replace=False))
+
+    def target(self, k: int | None) -> int | None:
+        return k if self.cfg.over_selection > 1 else None
 
     def summary(self) -> dict[str, Any] | None:
         return None
@@ -206,8 +210,6 @@ class DeadlineAware(Selector):
 @SELECTORS.register("fastest-k")
 class FastestK(Selector):
     """FedScale's over-commitment: ceil(over_selection·k) fastest, keep the first k."""
-
-    over_selects = True
 
     def select(self, candidates: np.ndarray, k: int | None, round_: int) -> list[int]:
         n = len(candidates) if k is None else min(len(candidates),

@@ -118,6 +118,50 @@ def test_fastest_k_over_selects_and_keeps_the_first_k():
     assert accepted(uniform) < accepted(result) == 18
 
 
+def tail_world(k, over_selection=1.0, rounds=100):
+    """The tail-at-scale scenario at 1,000 clients, 10 of them 125x slower (1.25 s vs 10 ms)."""
+    return load("scenarios/tail-at-scale.yaml", [
+        f"rounds={rounds}", "clients.0.count=990", "clients.1.count=10",
+        f"round_policy.clients_per_round={k}",
+        f"selection={{name: uniform, over_selection: {over_selection}}}"])
+
+
+def slow_rounds(result):
+    return sum(r["end_s"] - r["start_s"] > 1.0 for r in result.recorder.rounds)
+
+
+def test_tail_at_scale_slow_rounds_follow_the_closed_form_and_over_selection_removes_them():
+    from scipy.stats import binom, hypergeom
+
+    # Dean & Barroso 2013: a round waits for its slowest client, so it is slow exactly when
+    # one of the 10 slow clients of 1,000 is among its 50: P = 1 - C(990,50)/C(1000,50).
+    p = 1 - hypergeom(1000, 10, 50).pmf(0)
+    assert p == pytest.approx(1 - math.comb(990, 50) / math.comb(1000, 50))
+    result = run(tail_world(50))
+    n_slow = slow_rounds(result)
+    lo, hi = binom(100, p).ppf([0.0005, 0.9995])  # deterministic per seed; 99.9 % band
+    assert lo <= n_slow <= hi, (n_slow, p)
+    assert 0 < n_slow < 100
+    # Uniform over-selection (Bonawitz et al. 2019: 130 %): ceil(1.3 x 50) = 65 selected, the
+    # first 50 kept; at most 10 of the 65 are slow, so no round ever waits for one. The fast
+    # ones all arrive at the same instant and all of them are kept (past their upload's end,
+    # as at a deadline); exactly the slow ones are stopped.
+    over = run(tail_world(50, over_selection=1.3))
+    assert [r["selected"] for r in over.recorder.rounds] == [65] * 100
+    assert min(r["aggregated"] for r in over.recorder.rounds) >= 55
+    assert slow_rounds(over) == 0
+    slow_picked = [r for r in events(over, "select") if int(r["client"]) >= 990]
+    assert len(slow_picked) > 0
+    assert sorted((r["round"], r["client"]) for r in events(over, "over_selected")) == sorted(
+        (r["round"], r["client"]) for r in slow_picked)
+    assert over.summary["sim_time_s"] < result.summary["sim_time_s"] / 10
+    # over_selection 1 is plain uniform, draw for draw
+    plain = run(tail_world(50, over_selection=1.0, rounds=5))
+    assert plain.recorder.events_csv() == run(load("scenarios/tail-at-scale.yaml", [
+        "rounds=5", "clients.0.count=990", "clients.1.count=10",
+        "round_policy.clients_per_round=50"])).recorder.events_csv()
+
+
 def test_utility_explores_unseen_clients_then_prefers_utility_times_speed():
     sc = scenario(selection={"name": "utility", "exploration": 0.0, "estimate": "exact"},
                   round_policy={"name": "deadline", "deadline_s": 100.0, "clients_per_round": 3})
@@ -153,6 +197,10 @@ def test_utility_explores_unseen_clients_then_prefers_utility_times_speed():
     ({"selection": {"name": "fastest-k", "over_selection": 0.5},
       "round_policy": {"name": "sync", "clients_per_round": 2}}, "over_selection"),
     ({"selection": {"name": "uniform", "estimate": "exact"}}, "estimate"),
+    ({"selection": {"name": "uniform", "over_selection": 1.3}},
+     "round_policy.clients_per_round: uniform with over_selection > 1 needs k"),
+    ({"selection": {"name": "uniform", "over_selection": 1.3},
+      "round_policy": {"name": "async"}}, "selection.name: uniform with over_selection > 1"),
 ])
 def test_selection_config_errors_name_the_key(changes, message):
     with pytest.raises(ScenarioError, match=message):
