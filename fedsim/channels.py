@@ -593,6 +593,24 @@ class Network:
                 stream(scenario.seed, "mobility" if self.interference else "positions"),
                 start_m=None if self.interference is None else self.interference.clients_m)
             channel.mobility = self.mobility
+        if scenario.network.association == "nearest":
+            self._associate()
+
+    def _associate(self) -> None:
+        """Serve every placed wireless client from its nearest site (see NetworkConfig): a
+        phone dropped 400 m from its site towards a neighbour 500 m away is the neighbour's."""
+        placed = self.mobility or self.interference
+        if placed is None:  # no positions: cells are what the groups say
+            return
+        pos_m = self.mobility.pos_m if self.mobility is not None else self.interference.clients_m
+        d_m = np.linalg.norm(pos_m[:, None, :] - placed.sites_m[None, :, :], axis=2)
+        wireless = self.fleet.cell >= 0
+        nearest = d_m.argmin(axis=1)
+        self.fleet.cell[wireless] = nearest[wireless]
+        serving_m = np.maximum(d_m[np.arange(len(nearest)), nearest], 1.0)
+        self.fleet.distance_m[wireless] = serving_m[wireless]
+        assert isinstance(self.channel, PathlossChannel)
+        self.channel._set_snr(self.fleet.distance_m, self.channel.shadow_db)
 
     def _interfere(self, link: SharedLink) -> None:
         """``link``'s flows changed: new I/N at the co-channel sites, whose active flows

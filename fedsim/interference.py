@@ -3,10 +3,12 @@
 Cells sit on a hexagonal layout (cell 0 at the origin, then ring after ring at
 ``inter_site_distance_m``) or where ``network.cells[i].position_m`` puts them; a client sits at
 its drawn distance from its own cell's site, at an angle drawn uniformly (stream
-``positions``). With ``network.interference.model: load`` the uplink SINR of a flow in cell j
-counts the received power, at site j, of every client transmitting in a co-channel cell i ≠ j
-(the usual system-level simplification of OFDMA: each active neighbour occupies the band in
-proportion to its load, so the band-averaged interference is the sum of their powers):
+``positions``), and is then served by its nearest site (``network.association: nearest``, the
+default; ``drawn`` keeps the cell it was dropped around; ``fedsim.channels.Network``). With
+``network.interference.model: load`` the uplink SINR of a flow in cell j counts the received
+power, at site j, of every client transmitting in a co-channel cell i ≠ j (the usual
+system-level simplification of OFDMA: each active neighbour occupies the band in proportion to
+its load, so the band-averaged interference is the sum of their powers):
 
     I_j = Σ_{i co-channel, i≠j} Σ_{u active in i} P_u · G · 10^(−(PL(d_uj) + X_uj)/10)
 

@@ -193,6 +193,10 @@ class NetworkConfig(Config):
     cells: list[CellConfig] = Field(default_factory=lambda: [CellConfig()], min_length=1)
     interference: InterferenceConfig = InterferenceConfig()
     mobility: MobilityConfig = MobilityConfig()
+    # Where clients have positions (interference or mobility on): ``nearest`` serves each one
+    # from its nearest site once placed (the path-loss-strongest, as system-level simulators
+    # attach users); ``drawn`` from the cell it was dropped around (its group's ``cells``).
+    association: Literal["nearest", "drawn"] = "nearest"
 
     @model_validator(mode="after")
     def _interference_needs_a_radio_channel(self) -> NetworkConfig:

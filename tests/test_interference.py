@@ -158,3 +158,37 @@ def test_fedcs_expects_the_interference_its_own_choice_creates():
     both = sel.expected_s([0, 1], 0)[0]
     assert both == pytest.approx(rest + 2_000_000 * 8 / with_sinr, rel=1e-9)
     assert sel.expected_s([0], 0)[0] == pytest.approx(rest + 2_000_000 * 8 / alone, rel=1e-9)
+
+
+def crowded(association):
+    """Seven hexagonal cells 500 m apart, phones dropped up to 500 m from their own site."""
+    return validate({
+        "name": "assoc", "seed": 2, "rounds": 1,
+        "workload": {"name": "synthetic", "update_bytes": 100_000, "download_bytes": 1},
+        "clients": [{"profile": "mobile", "count": 140}, {"profile": "cloud", "count": 2}],
+        "network": {"channel": {"name": "pathloss", "shadowing_sigma_db": 8},
+                    "cells": [{} for _ in range(7)],
+                    "interference": {"model": "load", "reuse": 1},
+                    "association": association},
+        "training": {"local_steps": 1},
+    })
+
+
+def test_clients_are_served_by_their_nearest_site_unless_association_is_drawn():
+    drawn, nearest = Simulation(crowded("drawn")), Simulation(crowded("nearest"))
+    wireless = drawn.fleet.cell >= 0
+    # the same drop: positions and round-robin cells as drawn
+    np.testing.assert_array_equal(drawn.network.interference.clients_m,
+                                  nearest.network.interference.clients_m)
+    assert (drawn.fleet.cell[wireless] == np.arange(140) % 7).all()
+    inter = nearest.network.interference
+    d_m = np.linalg.norm(inter.clients_m[:, None, :] - inter.sites_m[None], axis=2)
+    assert (nearest.fleet.cell[wireless] == d_m[wireless].argmin(axis=1)).all()
+    moved = (nearest.fleet.cell != drawn.fleet.cell) & wireless
+    assert 0 < moved.sum() < 140  # a 500 m drop on a 500 m grid crosses into neighbours
+    # the serving distance, path loss and SNR follow the new site; wired clients stay wired
+    assert nearest.fleet.distance_m[wireless] == pytest.approx(
+        np.maximum(d_m[wireless].min(axis=1), 1.0))
+    assert (nearest.fleet.cell[~wireless] == -1).all()
+    assert (nearest.network.channel.snr_db[UPLINK][moved]
+            > drawn.network.channel.snr_db[UPLINK][moved]).all()
