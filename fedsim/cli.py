@@ -7,9 +7,11 @@ traceback (exit 1), because hiding it would hide the bug.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                      "95%% interval per metric (sweep.csv, sweep_summary.csv); rerunning keeps "
                      "the seeds already finished")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    run.add_argument("--no-plots", action="store_true",
+                     help="do not draw the run's figures into its plots/ at the end")
 
     val = sub.add_parser("validate", help="check a scenario; exit 0 if valid, 2 if not")
     val.add_argument("scenario")
@@ -247,15 +251,65 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.resume) if args.resume else Path(sc.output.dir) / sc.name
     bar = tqdm(total=sc.rounds, unit="round", desc=sc.name, disable=args.quiet or None,
                file=sys.stderr)
+
+    def on_round(done: int) -> None:
+        bar.set_description_str(sc.name)  # past the set-up: the bar counts rounds
+        bar.update(done - bar.n)
+
     try:
-        result = run(sc, progress=lambda done: bar.update(done - bar.n), run_dir=out,
-                     resume=args.resume)
+        with status_on(bar, sc.name, quiet=args.quiet):
+            result = run(sc, progress=on_round, run_dir=out, resume=args.resume)
     finally:
         bar.close()
     write_run_dir(result, out)
+    plotted = [] if args.no_plots else _plots(out)
     if not args.quiet:
         print(format_summary(result.summary, out))
+        if plotted:
+            print(f"plots in         {out / 'plots'}/ ({', '.join(p.name for p in plotted)})")
     return 0
+
+
+class _BarStatus(logging.Handler):
+    """Shows the library's progress messages (logger ``fedsim``) as the bar's description."""
+
+    def __init__(self, bar: Any, name: str) -> None:
+        super().__init__(logging.INFO)
+        self.bar, self.name = bar, name
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.bar.set_description_str(f"{self.name}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def status_on(bar: Any, name: str, quiet: bool) -> Iterator[None]:
+    """While the block runs, the ``fedsim`` logger's INFO messages go to ``bar``."""
+    if quiet:
+        yield
+        return
+    logger, handler = logging.getLogger("fedsim"), _BarStatus(bar, name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _plots(out: Path) -> list[Path]:
+    """The run's figures (``fedsim plot``) into ``out/plots``; one that cannot be drawn (a
+    file it cannot write, data it cannot read) is reported, not fatal: the run directory is
+    complete already."""
+    from fedsim.plots import plot_run
+
+    try:
+        return plot_run(out)
+    except (FedsimError, OSError, ValueError) as e:
+        print(f"note: plots not drawn ({type(e).__name__}: {e}); run `fedsim plot {out}`",
+              file=sys.stderr)
+        return []
 
 
 def _run_seeds(args: argparse.Namespace, sc: Any) -> int:

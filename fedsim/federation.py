@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -61,6 +62,9 @@ from fedsim.workload import (
 
 CLIENT_EVAL_EXAMPLES = 100  # held-out examples per client in quality.clients_final
 CLIENT_EVAL_MAX = 100  # clients beyond which per-client evaluation is skipped (cost)
+
+# What the workload is doing, for a progress display (the CLI shows it beside its bar).
+log = logging.getLogger("fedsim")
 
 
 def local_config(scenario: Scenario) -> LocalTrainingConfig:
@@ -172,6 +176,7 @@ class LoraWorkload(Workload):
         self.families: dict[str, Family] = {}
         self.family_keys: dict[str, FamilyKey] = {}
         for model in dict.fromkeys(fleet.model):
+            log.info("loading %s (client family)", model)
             fkey = FamilyKey(model, self.task.task, num_labels, self.cfg, scenario.seed,
                              tc.dataset, tc.kind)
             self.family_keys[model] = fkey
@@ -220,6 +225,7 @@ class LoraWorkload(Workload):
         # seed and probe examples), so later variants take a copy (an mpnet-base probe on 200
         # examples is ~11 s of forward passes here).
         start_head = self._start_head
+        log.info("loading %s (server %s)", sc.server.model, name)
         server = ServerModel(
             sc.server.model, self.task.task,
             len(self.task.label_names) if self.task.label_names else None, sc.seed,
@@ -233,6 +239,7 @@ class LoraWorkload(Workload):
             server.load_head(start_head)
         texts = [e.text for e in probe]
         for model, fam in self.families.items():
+            log.info("fitting the %s transfer: %s -> %s", transfer.name, model, sc.server.model)
             carrier.prepare(server, model, fam.trainer, roles=self.cfg.target_roles,
                             lora_scale=self.cfg.lora_alpha / self.cfg.lora_r, probe_texts=texts)
         return self.servers.add(ServerVariant(name, server, carrier, make_aggregator(aggregation)))

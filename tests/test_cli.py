@@ -77,6 +77,36 @@ def test_run_writes_run_directory(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["rounds_completed"] == 2 and s["seed"] == 5
     assert "seed: 5" in (out / "scenario.yaml").read_text()
+    # the run's figures are drawn at the end, and named; --no-plots skips them
+    drawn = sorted(f.name for f in (out / "plots").glob("*.png"))
+    assert "latency_cdf.png" in drawn and "energy.png" in drawn
+    assert f"plots in         {out / 'plots'}/" in r.stdout
+    r = fedsim("run", p, "--out", tmp_path / "bare", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    assert not list((tmp_path / "bare").glob("plots/*.png")) and "plots in" not in r.stdout
+
+
+def test_the_progress_bar_says_what_the_run_is_doing():
+    import logging
+
+    from fedsim.cli import status_on
+
+    class Bar:
+        def __init__(self):
+            self.said = []
+
+        def set_description_str(self, text):
+            self.said.append(text)
+
+    bar, log = Bar(), logging.getLogger("fedsim")
+    level, handlers = log.level, list(log.handlers)
+    with status_on(bar, "quickstart", quiet=False):
+        log.info("loading %s (server %s)", "mpnet-base", "server")
+    log.info("after the run: not shown")
+    with status_on(bar, "quickstart", quiet=True):
+        log.info("quiet: not shown")
+    assert bar.said == ["quickstart: loading mpnet-base (server server)"]
+    assert log.level == level and log.handlers == handlers
 
 
 def test_resume_without_a_checkpoint_exits_2(tmp_path):
