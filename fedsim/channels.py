@@ -36,6 +36,7 @@ import simpy
 from fedsim.clock import NOOP, Clock, Tag
 from fedsim.devices import Fleet
 from fedsim.errors import FedsimError
+from fedsim.estimation import ChannelKnowledge
 from fedsim.interference import Interference
 from fedsim.mobility import Mobility
 from fedsim.plugins import CHANNELS, ChannelConfig
@@ -111,11 +112,18 @@ class Channel(ABC):
         """The rate of a flow of channel ``state`` among ``k`` active flows in ``cell``."""
         return float(self.shared_rates(cell, direction, np.full(k, state))[-1])
 
-    def estimate_rate_bps(self, client: int, direction: str, t: float, active: int) -> float:
-        """The rate ``client`` would get now if it joined ``active`` other flows in its cell."""
+    def estimate_rate_bps(self, client: int, direction: str, t: float, active: int,
+                          known: ChannelKnowledge | None = None, index: int = 0) -> float:
+        """The rate ``client`` would get at ``t`` if it joined ``active`` other flows in its
+        cell, as ``known`` sees the channel (``fedsim.estimation``; None: exactly), its
+        estimation error drawn for decision ``index``."""
         cell = int(self.fleet.cell[client])
-        return self.rate_among(cell, direction, self.flow_state_one(direction, client, t),
-                               active + 1)
+        if known is None or known.exact:
+            state = self.flow_state_one(direction, client, t)
+        else:
+            state = (self.flow_state_one(direction, client, self.previous_block_s(t))
+                     * known.error_gain(client, index))
+        return self.rate_among(cell, direction, state, active + 1)
 
 
 @CHANNELS.register("static")
@@ -395,14 +403,17 @@ class SharedLink:
         self._flows_changed = True
         self._changed()
 
-    def estimate_rate_bps(self, client: int) -> float:
-        """The rate ``client`` can expect now, sharing with every flow active or still to come.
+    def estimate_rate_bps(self, client: int, known: ChannelKnowledge | None = None,
+                          index: int = 0) -> float:
+        """The rate ``client`` can expect now, sharing with every flow active or still to come
+        (as ``known`` sees the channel; None: exactly).
 
         Counting only the flows active now would let the first client out of training expect
         the whole cell and pick a payload that the later flows then slow down.
         """
         others = max(self.active, self.contenders - 1)
-        return self.channel.estimate_rate_bps(client, self.direction, self.env.now, others)
+        return self.channel.estimate_rate_bps(client, self.direction, self.env.now, others,
+                                              known, index)
 
     def set_outage(self, down: bool) -> None:
         """The base station goes down (flows stall where they are) or comes back up."""
@@ -557,8 +568,9 @@ class WiredLink:
     def cancel(self, client: int) -> None:
         """Nothing is shared, so nothing to give back."""
 
-    def estimate_rate_bps(self, client: int) -> float:
-        return float(self.rate_bps[client])
+    def estimate_rate_bps(self, client: int, known: ChannelKnowledge | None = None,
+                          index: int = 0) -> float:
+        return float(self.rate_bps[client])  # a wired rate is known exactly
 
 
 class Network:

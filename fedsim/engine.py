@@ -27,6 +27,7 @@ from fedsim.clock import Clock
 from fedsim.devices import PROFILES, build_fleet
 from fedsim.energy import Energy
 from fedsim.errors import FedsimError
+from fedsim.estimation import ChannelKnowledge
 from fedsim.executors import Executor, Job, JobFailed, make_executor
 from fedsim.faults import Faults
 from fedsim.ingress import Ingress, ServerFailure
@@ -92,6 +93,12 @@ class Simulation:
         self.executor = executor or make_executor(scenario.executor)
         self.policy = ROUND_POLICIES.get(scenario.round_policy.name)(self)
         self.selector = make_selector(scenario.selection, self)
+        # What a client knows of its uplink when the adaptive codec picks its payload (the
+        # other codecs do not ask): see fedsim.estimation.
+        comp = scenario.compression
+        self.codec_knowledge = (ChannelKnowledge(comp.estimate, comp.estimate_error_db,
+                                                 key(scenario.seed, "codec-estimate"))
+                                if getattr(comp, "codec", None) == "adaptive" else None)
         self.energy = Energy(self.fleet, scenario.energy)
         n = self.fleet.size
         self.per_client = {k: np.zeros(n, dtype=np.int64) for k in
@@ -259,7 +266,8 @@ class Simulation:
             plan, update = trained
             tk.phase, tk.num_samples = "encode", plan.num_samples
             time_left = None if deadline_at is None else deadline_at - env.now
-            tk.upload = wl.encode(c, tk.round, update, uplink.estimate_rate_bps(c), time_left)
+            rate_bps = uplink.estimate_rate_bps(c, self.codec_knowledge, tk.round)
+            tk.upload = wl.encode(c, tk.round, update, rate_bps, time_left)
             up = tk.upload
             self.rec.emit(env.now, tk.round, c, "encode", up.nbytes,
                           f"{up.codec} raw={up.raw_bytes} err={up.rel_error:.4g}")

@@ -164,6 +164,15 @@ class AdaptiveCodecConfig(CodecConfig):
     codec: Literal["adaptive"] = "adaptive"
     safety_margin: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.8
     max_bytes: int | None = Field(default=None, ge=1)
+    # What the client knows of its uplink when it chooses (fedsim.estimation): the state now
+    # (exact, an oracle) or the previous block's with a log-normal error (realistic).
+    estimate: Literal["exact", "realistic"] = "realistic"
+    estimate_error_db: NonNegFloat = 2.0
+
+    def options(self) -> dict[str, Any]:
+        # The channel knowledge is the engine's: it estimates the rate the codec is given.
+        return {k: v for k, v in super().options().items()
+                if k not in ("estimate", "estimate_error_db")}
 
 
 # --- aggregators (fedsim.aggregators) -------------------------------------------------------

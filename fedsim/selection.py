@@ -35,14 +35,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedsim.channels import DOWNLINK, UPLINK, SharedLink
+from fedsim.estimation import ChannelKnowledge
 from fedsim.plugins import SELECTORS, SelectorConfig
-from fedsim.rng import hashed_uniform_one, key, stream
+from fedsim.rng import key, stream
 
 if TYPE_CHECKING:
     from fedsim.engine import Simulation
@@ -57,7 +57,9 @@ class Selector(ABC):
         self.cfg, self.sim = cfg, sim
         self.expected: dict[int, tuple[float, float]] = {}  # client -> (selected at, expected s)
         self.pairs: list[tuple[float, float]] = []  # (expected s, actual s) per finished upload
-        self._key = key(sim.scenario.seed, "selection-estimate")
+        self.knowledge = ChannelKnowledge(getattr(cfg, "estimate", "exact"),
+                                          getattr(cfg, "estimate_error_db", 0.0),
+                                          key(sim.scenario.seed, "selection-estimate"))
         self._rng = stream(sim.scenario.seed, "selection-explore")  # utility's exploration
 
     @abstractmethod
@@ -102,21 +104,13 @@ class Selector(ABC):
         link = self.sim.network.link(client, direction)
         if not isinstance(link, SharedLink):
             return link.estimate_rate_bps(client)
-        ch, now = link.channel, self.sim.env.now
-        if self.cfg.estimate == "exact":
-            state = ch.flow_state_one(direction, client, now)
-        else:  # the previous block, seen through an estimation error (see the module text)
-            state = ch.flow_state_one(direction, client, ch.previous_block_s(now))
-            state *= 10.0 ** (self.cfg.estimate_error_db * self._error(client, direction, round_)
-                              / 10.0)
+        ch, now, known = link.channel, self.sim.env.now, self.knowledge
+        # exact: the state now; realistic: the previous block's, off by a log-normal error
+        # (fedsim.estimation), one draw per (client, direction, round)
+        state = ch.flow_state_one(direction, client, known.seen_at_s(now, ch.previous_block_s(now)))
+        state *= known.error_gain(client, round_ * 2 + (direction == DOWNLINK))
         rate = ch.rate_among(link.cell, direction, state / (1.0 + interference), sharing)
         return rate if rate > 0 else 1e-9  # an outage: expected to take forever
-
-    def _error(self, client: int, direction: str, round_: int) -> float:
-        """A standard normal draw per (client, direction, round): the same estimate each time
-        the selector asks within a round, whatever it asks in between."""
-        u = hashed_uniform_one(self._key, client, round_ * 2 + (direction == DOWNLINK))
-        return NormalDist().inv_cdf(u)
 
     def _record(self, chosen: Sequence[int], expected: Sequence[float]) -> list[int]:
         now = self.sim.env.now

@@ -35,9 +35,11 @@ DEADLINE_S = 2.0
 
 
 def scenario(rates_bps=(1e6,), per_cell=1, codec="adaptive", deadline_s=DEADLINE_S, rounds=1,
-             seed=3):
+             seed=3, estimate="exact", error_db=2.0):
     """``per_cell`` always-on phones in each cell of a ``static`` channel (one cell per rate),
-    tiny-bert on 200 BBC articles; ``deadline`` rounds when ``deadline_s`` is set, else sync."""
+    tiny-bert on 200 BBC articles; ``deadline`` rounds when ``deadline_s`` is set, else sync.
+    The adaptive codec knows the uplink ``estimate``-ly (exact by default here: the tests of
+    the fitting rule need the rate it is given to be the rate it gets)."""
     policy = ({"name": "deadline", "deadline_s": deadline_s} if deadline_s
               else {"name": "sync"})
     return validate({
@@ -50,7 +52,9 @@ def scenario(rates_bps=(1e6,), per_cell=1, codec="adaptive", deadline_s=DEADLINE
         "task": {"dataset": "bbc-news", "kind": "classification", "max_train_examples": 200,
                  "eval_examples": 20, "partition": {"name": "iid"}},
         "training": {"local_steps": 2, "batch_size": 8, "max_length": 32, "lr": 5e-3},
-        "compression": {"codec": codec, **({"safety_margin": 0.8} if codec == "adaptive" else {})},
+        "compression": {"codec": codec, **({"safety_margin": 0.8, "estimate": estimate,
+                                            "estimate_error_db": error_db}
+                                           if codec == "adaptive" else {})},
         "round_policy": policy,
     })
 
@@ -110,6 +114,22 @@ def test_adaptive_meets_deadlines_that_none_misses():
     assert s_adapt["latency_s"]["upload"]["max"] <= 0.8 * DEADLINE_S
     # Rounds close as soon as every update is in, not at the deadline.
     assert s_adapt["sim_time_s"] < s_none["sim_time_s"] == pytest.approx(2 * DEADLINE_S)
+
+
+def test_realistic_channel_knowledge_costs_deadlines_that_the_exact_estimate_meets():
+    """The same phones choosing from the rate they estimate: exact (an oracle) meets every
+    deadline; realistic (a 2 dB log-normal error, fedsim.estimation) overestimates some
+    uplinks, picks payloads that do not fit, and misses; with a 0 dB error on a static
+    channel (whose previous block is the current one) it is the exact run, event for event."""
+    rates = (5e4, 5e4, 5e4)
+    exact = Simulation(scenario(rates, rounds=2)).run()
+    realistic = Simulation(scenario(rates, rounds=2, estimate="realistic")).run()
+    assert exact.summary["overload"]["deadline_misses"] == 0
+    assert realistic.summary["overload"]["deadline_misses"] > 0
+    chosen = [{k: v[0] for k, v in encodes(events(r)).items()} for r in (exact, realistic)]
+    assert chosen[0] != chosen[1]  # other payload sizes for the same updates
+    errorless = Simulation(scenario(rates, rounds=2, estimate="realistic", error_db=0.0)).run()
+    assert errorless.recorder.events_csv() == exact.recorder.events_csv()
 
 
 def test_adaptive_on_a_shared_cell_meets_deadlines_that_none_misses():
