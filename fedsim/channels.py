@@ -23,7 +23,6 @@ flows), then schedules one SimPy wake-up at the next completion or channel chang
 
 from __future__ import annotations
 
-import csv
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -42,6 +41,7 @@ from fedsim.mobility import Mobility
 from fedsim.plugins import CHANNELS, ChannelConfig
 from fedsim.rng import hashed_exponential, hashed_uniform_one, stream
 from fedsim.scenario import CellConfig, Scenario
+from fedsim.traces import read_rows
 
 THERMAL_NOISE_DBM_PER_HZ = -174.0  # kT at 290 K
 UPLINK, DOWNLINK = "uplink", "downlink"
@@ -284,14 +284,8 @@ class TraceChannel(Channel):
 
 def read_trace(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Parse a trace CSV into {series key: (time_s, uplink_bps, downlink_bps)}, sorted by time."""
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise FedsimError(f"network.channel.trace_path: cannot read {path}: {e}") from None
     need = {"time_s", "uplink_bps", "downlink_bps"}
-    if not rows or not need <= set(rows[0]):
-        raise FedsimError(f"network.channel.trace_path: {path} needs columns {sorted(need)}")
+    rows = read_rows(path, "network.channel.trace_path", need, f"columns {sorted(need)}")
     by_key: dict[str, list[tuple[float, float, float]]] = {}
     for line, row in enumerate(rows, start=2):
         try:

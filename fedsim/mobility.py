@@ -25,7 +25,6 @@ clients start where ``fedsim.interference`` placed them and its gains follow the
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -36,20 +35,14 @@ from fedsim.devices import Fleet
 from fedsim.errors import FedsimError
 from fedsim.interference import site_positions_m
 from fedsim.scenario import CellConfig, MobilityConfig
+from fedsim.traces import read_rows
 
 
 def read_positions(path: Path) -> tuple[list[np.ndarray], list[np.ndarray], bool]:
     """A position trace: per series its times (s) and (x, y) positions (m), and whether it
     names clients (absolute positions) or not (one path, an offset from each start)."""
-    try:
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise FedsimError(f"network.mobility.trace_path: cannot read {path}: {e}") from None
-    need = {"time_s", "x_m", "y_m"}
-    if not rows or not need <= set(rows[0]):
-        raise FedsimError(f"network.mobility.trace_path: {path} needs the columns "
-                          f"time_s,x_m,y_m[,client]")
+    rows = read_rows(path, "network.mobility.trace_path", {"time_s", "x_m", "y_m"},
+                     "the columns time_s,x_m,y_m[,client]")
     series: dict[int, list[tuple[float, float, float]]] = {}
     for i, r in enumerate(rows, start=2):
         try:
