@@ -118,11 +118,8 @@ class Channel(ABC):
         cell, as ``known`` sees the channel (``fedsim.estimation``; None: exactly), its
         estimation error drawn for decision ``index``."""
         cell = int(self.fleet.cell[client])
-        if known is None or known.exact:
-            state = self.flow_state_one(direction, client, t)
-        else:
-            state = (self.flow_state_one(direction, client, self.previous_block_s(t))
-                     * known.error_gain(client, index))
+        state = (self.flow_state_one(direction, client, t) if known is None
+                 else known.state(self, direction, client, t, index))
         return self.rate_among(cell, direction, state, active + 1)
 
 
@@ -605,11 +602,13 @@ class Network:
     def _associate(self) -> None:
         """Serve every placed wireless client from its nearest site (see NetworkConfig): a
         phone dropped 400 m from its site towards a neighbour 500 m away is the neighbour's."""
-        placed = self.mobility or self.interference
-        if placed is None:  # no positions: cells are what the groups say
+        if self.mobility is not None:
+            sites_m, pos_m = self.mobility.sites_m, self.mobility.pos_m
+        elif self.interference is not None:
+            sites_m, pos_m = self.interference.sites_m, self.interference.clients_m
+        else:  # no positions: cells are what the groups say
             return
-        pos_m = self.mobility.pos_m if self.mobility is not None else self.interference.clients_m
-        d_m = np.linalg.norm(pos_m[:, None, :] - placed.sites_m[None, :, :], axis=2)
+        d_m = np.linalg.norm(pos_m[:, None, :] - sites_m[None, :, :], axis=2)
         wireless = self.fleet.cell >= 0
         nearest = d_m.argmin(axis=1)
         self.fleet.cell[wireless] = nearest[wireless]

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fedsim.rng import hashed_uniform_one
+
+if TYPE_CHECKING:
+    from fedsim.channels import Channel
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,12 @@ class ChannelKnowledge:
     def exact(self) -> bool:
         return self.estimate == "exact"
 
-    def seen_at_s(self, now_s: float, previous_block_s: float) -> float:
-        """When the state a decision reads was measured: now, or the previous block."""
-        return now_s if self.exact else previous_block_s
+    def state(self, channel: Channel, direction: str, client: int, now_s: float,
+              index: int) -> float:
+        """``client``'s channel state as this decision sees it: the state now, or the previous
+        block's times the estimation error of decision ``index``."""
+        seen_s = now_s if self.exact else channel.previous_block_s(now_s)
+        return channel.flow_state_one(direction, client, seen_s) * self.error_gain(client, index)
 
     def error_gain(self, client: int, index: int) -> float:
         """The linear factor the estimate is off by for ``client``'s decision ``index`` (1 when

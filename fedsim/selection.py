@@ -107,8 +107,7 @@ class Selector(ABC):
         ch, now, known = link.channel, self.sim.env.now, self.knowledge
         # exact: the state now; realistic: the previous block's, off by a log-normal error
         # (fedsim.estimation), one draw per (client, direction, round)
-        state = ch.flow_state_one(direction, client, known.seen_at_s(now, ch.previous_block_s(now)))
-        state *= known.error_gain(client, round_ * 2 + (direction == DOWNLINK))
+        state = known.state(ch, direction, client, now, round_ * 2 + (direction == DOWNLINK))
         rate = ch.rate_among(link.cell, direction, state / (1.0 + interference), sharing)
         return rate if rate > 0 else 1e-9  # an outage: expected to take forever
 
