@@ -237,6 +237,10 @@ def compare(scenario: Scenario, chosen: Sequence[Variant], lars_eta: float = 0.0
         raise FedsimError("compare needs workload.name=real and a server.model")
     if not chosen:
         raise FedsimError("compare: no variants to compare")
+    if scenario.transfer.name != "projection":
+        raise FedsimError(f"transfer.name: compare's variants are projectors; a "
+                          f"{scenario.transfer.name} run is compared by `fedsim run --seeds N` "
+                          "with --set on its options (see README, Distillation)")
     sim = Simulation(scenario)
     wl = sim.workload
     assert isinstance(wl, LoraWorkload)

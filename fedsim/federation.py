@@ -37,10 +37,21 @@ import numpy as np
 import torch
 
 from fedsim import codecs
+from fedsim import logits as topk
 from fedsim.aggregators import ClientResult, global_norm, make_aggregator, make_lora_space
 from fedsim.attacks import attack
 from fedsim.data import TaskData, load_dataset, partition
 from fedsim.devices import Fleet
+from fedsim.distillation import (
+    DistillationTransfer,
+    ProxySet,
+    client_logits,
+    forward_flops,
+    output_size,
+    payload_tensors,
+    positions_of,
+    proxy_set,
+)
 from fedsim.executors import WorkerCache
 from fedsim.heterogeneity import heterogeneity
 from fedsim.plugins import TASKS, AggregatorConfig, TransferConfig
@@ -194,6 +205,15 @@ class LoraWorkload(Workload):
         self.lora_space = make_lora_space(agg.lora)
         self.validation = validation_splits(scenario, self.parts)
         self._downloaded: dict[int, Adapter] = {}  # the adapter each client trains from
+        # Distillation: clients upload logits, keep their own adapters (``_personal``) and
+        # download their model once (``_installed``); the proxy set is the server's corpus.
+        self.distilling = scenario.transfer.name == "distillation"
+        self._personal: dict[int, Adapter] = {}
+        self._installed: set[int] = set()
+        self.proxy: ProxySet | None = (
+            proxy_set(self.task.test, len(self.eval_examples), scenario.transfer.proxy,
+                      scenario.seed) if self.distilling else None)
+        self._upload_estimate: dict[str, int] = {}
         self.servers = ServerSet()
         self._start_head: dict[str, torch.Tensor] | None = None  # see add_server
         if scenario.server.model is not None:
@@ -226,10 +246,13 @@ class LoraWorkload(Workload):
         # examples is ~11 s of forward passes here).
         start_head = self._start_head
         log.info("loading %s (server %s)", sc.server.model, name)
+        carrier = make_transfer(transfer)
+        if isinstance(carrier, DistillationTransfer):
+            carrier.proxy = self.proxy
         server = ServerModel(
             sc.server.model, self.task.task,
             len(self.task.label_names) if self.task.label_names else None, sc.seed,
-            **(carrier := make_transfer(transfer)).server_options(),
+            **carrier.server_options(),
             probe_examples=probe if labelled and start_head is None else (),
             max_length=self.cfg.max_length, batch_size=self.cfg.batch_size,
             dataset=self.task.name, zero_head=not sc.server.linear_probe)
@@ -259,20 +282,47 @@ class LoraWorkload(Workload):
 
     def download_bytes(self, client: int) -> int:
         fam = self._family(client)
+        if self.distilling:  # its own adapter stays on the device: the model comes once
+            self._downloaded[client] = self._personal.get(client, fam.adapter)
+            nbytes = self.download_bytes_estimate(client)
+            self._installed.add(client)
+            return nbytes
         self._downloaded[client] = fam.adapter  # immutable: aggregation builds a new dict
         return fam.adapter_nbytes
 
     def download_bytes_estimate(self, client: int) -> int:
-        return self._family(client).adapter_nbytes
+        fam = self._family(client)
+        if not self.distilling:
+            return fam.adapter_nbytes
+        if client in self._installed:
+            return 0
+        assert self.proxy is not None
+        proxy = 0 if self.scenario.transfer.proxy.preinstalled else self.proxy.nbytes
+        return fam.adapter_nbytes + proxy
 
     def upload_bytes_estimate(self, client: int) -> int:
-        return self.codec.size_bytes(codecs.shapes_of(self._family(client).adapter))
+        fam = self._family(client)
+        if not self.distilling:
+            return self.codec.size_bytes(codecs.shapes_of(fam.adapter))
+        if fam.model not in self._upload_estimate:  # a batch's payload at the largest k
+            assert self.proxy is not None
+            examples = self.proxy.take(self.proxy.batch(0))
+            lengths, vocab = positions_of(fam.trainer, examples), output_size(fam.trainer, examples)
+            cfg = self.scenario.transfer.logits
+            k = cfg.k_for(math.inf, None, sum(lengths), vocab, len(lengths))
+            self._upload_estimate[fam.model] = topk.size_bytes(
+                sum(lengths), k, vocab, cfg.value_bits, len(lengths))
+        return self._upload_estimate[fam.model]
 
     def plan(self, client: int, round_: int) -> JobPlan:
         fam = self._family(client)
         p = fam.trainer.plan(self._examples(client), job_seed(self.scenario.seed, client, round_),
                              validation=self.validation[client])
-        return JobPlan(flops=p.flops, peak_memory_bytes=p.peak_memory_bytes,
+        flops = p.flops
+        if self.distilling:  # then its model's forward pass over the round's proxy batch
+            assert self.proxy is not None
+            flops += forward_flops(fam.trainer, self.proxy.take(self.proxy.batch(round_)))
+        return JobPlan(flops=flops, peak_memory_bytes=p.peak_memory_bytes,
                        num_samples=p.num_samples, tokens=p.tokens, context=p)
 
     def train(self, client: int, round_: int, plan: JobPlan) -> TrainResult:
@@ -288,6 +338,8 @@ class LoraWorkload(Workload):
 
     def encode(self, client: int, round_: int, update: TrainResult, rate_bps: float,
                time_left_s: float | None) -> Upload:
+        if self.distilling:
+            return self._encode_logits(client, round_, update, rate_bps, time_left_s)
         self._last[client] = (self._start(client), update.delta)
         rng = np.random.default_rng(job_seed(self.scenario.seed, client, round_))
         delta = update.delta
@@ -304,9 +356,52 @@ class LoraWorkload(Workload):
                       codec=enc.payload.describe(), rel_error=err, sent=sent,
                       loss_rms=float(np.sqrt(np.mean(losses ** 2))) if losses.size else math.nan)
 
+    def _encode_logits(self, client: int, round_: int, update: TrainResult, rate_bps: float,
+                       time_left_s: float | None) -> Upload:
+        """Distillation: the client keeps its trained adapter and uploads its top-k logits on
+        the round's proxy batch, k from its channel estimate and time left (adaptive k)."""
+        assert self.proxy is not None
+        fam, start = self._family(client), self._start(client)
+        local = {k: v + update.delta[k] if k in update.delta else v for k, v in start.items()}
+        self._last[client] = (start, update.delta)
+        self._personal[client] = local
+        batch = self.proxy.batch(round_)
+        z, lengths = client_logits(fam.trainer, local, self.proxy.take(batch))
+        cfg = self.scenario.transfer.logits
+        k = cfg.k_for(rate_bps, time_left_s, z.shape[0], z.shape[1], len(lengths))
+        payload = topk.encode(z, k, cfg.value_bits, lengths)
+        exact = topk.top_k(z, k, lengths).values
+        err = float(torch.linalg.vector_norm(topk.decode(payload).values - exact)
+                    / torch.linalg.vector_norm(exact).clamp_min(1e-30))
+        sent = Sent(fam.model, update.num_samples, update.loss_before - update.loss_after,
+                    payload, start, proxy=batch)
+        losses = np.asarray(update.losses, dtype=float)
+        return Upload(nbytes=len(payload), raw_bytes=4 * z.numel(), codec=payload.describe(),
+                      rel_error=err, sent=sent,
+                      loss_rms=float(np.sqrt(np.mean(losses ** 2))) if losses.size else math.nan)
+
+    def _ingest_logits(self, client: int, sent: Sent) -> Ingested:
+        try:
+            decoded = topk.decode(sent.payload)
+        except codecs.PayloadError as e:
+            return Ingested(flops=0.0, accepted=False, detail=f"corrupt payload: {e}")
+        if not torch.isfinite(decoded.values).all():
+            return Ingested(flops=decoded.values.numel(), accepted=False,
+                            detail="non-finite logits quarantined")
+        tensors = payload_tensors(decoded, sent.proxy)
+        result = ClientResult(
+            client=client, delta=tensors, num_samples=sent.num_samples, quality=sent.quality,
+            heterogeneity={m: v[client] for m, v in self.heterogeneity.items()},
+            dataset_size=len(self.parts[client]), start=sent.start)
+        carried, flops = self.servers.carry(sent.family, sent.start, tensors)
+        return Ingested(flops=2.0 * decoded.values.numel() + flops, accepted=True,
+                        result=result, carried=carried)
+
     def ingest(self, client: int, upload: Upload) -> Ingested:
         sent = upload.sent
         assert sent is not None, "a real upload carries its payload"
+        if self.distilling:
+            return self._ingest_logits(client, sent)
         try:
             delta = codecs.decode(sent.payload)
         except codecs.PayloadError as e:
@@ -332,7 +427,7 @@ class LoraWorkload(Workload):
         """Per family in LoRA space (the next download), then into every server model."""
         self._settle()
         flops = 0.0
-        for model, fam in self.families.items():
+        for model, fam in (() if self.distilling else self.families.items()):  # logits only
             results = [self._weighted(a) for a in arrivals if self.fleet.model[a.client] == model]
             if not results:
                 continue
@@ -364,9 +459,9 @@ class LoraWorkload(Workload):
         while the next round's jobs train on the workers (the next :meth:`aggregate` waits
         for it before it changes the weights); the numbers are the same.
         """
-        families: dict[str, dict[str, float]] = {
+        families: dict[str, dict[str, float]] = {  # distillation: no family adapter moves
             model: fam.trainer.evaluate(fam.adapter, self.eval_examples)
-            for model, fam in self.families.items()}
+            for model, fam in self.families.items() if not self.distilling}
 
         def quality() -> dict[str, float]:
             out = self.evaluate_servers()
@@ -427,13 +522,18 @@ class LoraWorkload(Workload):
         put("server", self.servers.state())
         for c, adapter in self._downloaded.items():  # what updates in flight train from
             put(f"downloaded/{c}", adapter)
+        for c, adapter in self._personal.items():  # distillation: each client's own adapter
+            put(f"personal/{c}", adapter)
         state = {"versions": {m: f.version for m, f in self.families.items()},
-                 "last": sorted(self._last), "downloaded": sorted(self._downloaded)}
+                 "last": sorted(self._last), "downloaded": sorted(self._downloaded),
+                 "personal": sorted(self._personal), "installed": sorted(self._installed)}
         return state, t
 
     def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         take = _taker(tensors)
         self._downloaded = {c: take(f"downloaded/{c}") for c in state.get("downloaded", [])}
+        self._personal = {c: take(f"personal/{c}") for c in state.get("personal", [])}
+        self._installed = set(state.get("installed", []))
         for model, fam in self.families.items():
             fam.adapter = take(f"family/{model}")
             fam.version = state["versions"][model]
@@ -448,7 +548,7 @@ class LoraWorkload(Workload):
         sent = upload.sent
         assert sent is not None, "a real upload carries its payload"
         doc["sent"] = {"family": sent.family, "num_samples": sent.num_samples,
-                       "quality": sent.quality,
+                       "quality": sent.quality, "proxy": list(sent.proxy),
                        "payload": base64.b64encode(sent.payload.data).decode("ascii")}
         return doc, {f"{key}/start/{k}": v.detach().clone() for k, v in sent.start.items()}
 
@@ -456,7 +556,7 @@ class LoraWorkload(Workload):
         s = doc["sent"]
         sent = Sent(s["family"], s["num_samples"], s["quality"],
                     codecs.Payload(base64.b64decode(s["payload"])),
-                    _taker(tensors)(f"{key}/start"))
+                    _taker(tensors)(f"{key}/start"), tuple(s.get("proxy", ())))
         return Upload(**{k: v for k, v in doc.items() if k != "sent"}, sent=sent)
 
     def close(self) -> None:

@@ -61,15 +61,14 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
 
 from fedsim.codecs import FP16_MAX, Payload, PayloadError
 from fedsim.errors import FedsimError
-from fedsim.plugins import Config
+from fedsim.plugins import TopKLogitsConfig  # noqa: F401  (its home: configs stay torch-free)
 
 MAGIC = b"FSLG"
 VERSION = 1
@@ -130,6 +129,11 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+def check_count(key: str, v: Any) -> int:
+    """``v`` as an integer >= 1 (a clear error naming ``key`` otherwise)."""
+    return _check_int(key, v, 1)
 
 
 def _check_int(key: str, v: Any, low: int, high: int = _U32_MAX) -> int:
@@ -451,46 +455,3 @@ def choose_k(rate_bps: float, time_left_s: float, positions: int, vocab: int, *,
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return low
-
-
-class TopKLogitsConfig(Config):
-    """What a client uploads for distillation: its top-k logits per proxy position.
-
-    ``k``: the fixed setting (FATE-LLM's default keeps 128; ``full``: every logit, the
-    reference), capped at the vocabulary (a 4-label classifier sends its 4). ``adaptive``:
-    k per client per round by :func:`choose_k` between ``k_min`` and ``k_max`` (``k`` unused);
-    the defaults 16..1024 are ours, not the paper's, and put 128 at their geometric middle.
-    It lives here, not in :mod:`fedsim.plugins`, until a transfer's config embeds it (this
-    module imports torch through :mod:`fedsim.codecs`; plugins must stay light).
-    """
-
-    k: int | Literal["full"] = 128
-    adaptive: bool = False
-    k_min: int = Field(default=16, ge=1)
-    k_max: int = Field(default=1024, ge=1)
-    value_bits: Literal[16, 8] = 16
-    safety_margin: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.8
-
-    @field_validator("k", mode="before")
-    @classmethod
-    def _k_is_count_or_full(cls, v: Any) -> Any:
-        if v == "full" or (_is_int(v) and v >= 1):
-            return v
-        raise ValueError(f"k must be an integer >= 1 or 'full', got {v!r}")
-
-    @model_validator(mode="after")
-    def _bounds_ordered(self) -> TopKLogitsConfig:
-        if self.k_min > self.k_max:
-            raise ValueError(f"k_min must be <= k_max, got k_min={self.k_min}, "
-                             f"k_max={self.k_max}")
-        return self
-
-    def k_for(self, rate_bps: float, time_left_s: float, positions: int, vocab: int,
-              segments: int = 1) -> int:
-        """This round's k for a client with this channel estimate and time before deadline."""
-        if self.adaptive:
-            return choose_k(rate_bps, time_left_s, positions, vocab, k_min=self.k_min,
-                            k_max=self.k_max, value_bits=self.value_bits,
-                            safety_margin=self.safety_margin, segments=segments)
-        vocab = _check_int("vocab", vocab, 1)
-        return vocab if self.k == "full" else min(self.k, vocab)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedsim.registry import Registry
 
@@ -300,6 +300,97 @@ class ProjectionTransferConfig(TransferConfig):
     @classmethod
     def _bare_name(cls, v: Any) -> Any:
         return _named(v)
+
+
+class TopKLogitsConfig(Config):
+    """What a client uploads for distillation: its top-k logits per proxy position.
+
+    ``k``: the fixed setting (FATE-LLM's default keeps 128; ``full``: every logit, the
+    reference), capped at the vocabulary (a 4-label classifier sends its 4). ``adaptive``:
+    k per client per round by :func:`fedsim.logits.choose_k` between ``k_min`` and ``k_max``
+    (``k`` unused), from the client's rate estimate and the time before the round's deadline;
+    a round without a deadline gives it ``time_budget_s`` (null: no limit, so ``k_max``). The
+    defaults 16..1024 are ours, not the paper's, and put 128 at their geometric middle.
+    """
+
+    k: int | Literal["full"] = 128
+    adaptive: bool = False
+    k_min: int = Field(default=16, ge=1)
+    k_max: int = Field(default=1024, ge=1)
+    value_bits: Literal[16, 8] = 16
+    safety_margin: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.8
+    time_budget_s: PositiveFloat | None = None  # upload time allowed without a deadline (s)
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _k_is_count_or_full(cls, v: Any) -> Any:
+        if v == "full" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"k must be an integer >= 1 or 'full', got {v!r}")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> TopKLogitsConfig:
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min must be <= k_max, got k_min={self.k_min}, "
+                             f"k_max={self.k_max}")
+        return self
+
+    def k_for(self, rate_bps: float, time_left_s: float | None, positions: int, vocab: int,
+              segments: int = 1) -> int:
+        """This round's k for a client with this channel estimate and time before deadline
+        (None: the round has none)."""
+        from fedsim import logits  # torch: imported when a run computes, not when it validates
+
+        if self.adaptive:
+            budget_s = time_left_s if time_left_s is not None else self.time_budget_s
+            if budget_s is None:
+                return max(1, min(self.k_max, vocab))
+            return logits.choose_k(rate_bps, budget_s, positions, vocab, k_min=self.k_min,
+                                   k_max=self.k_max, value_bits=self.value_bits,
+                                   safety_margin=self.safety_margin, segments=segments)
+        vocab = logits.check_count("vocab", vocab)
+        return vocab if self.k == "full" else min(self.k, vocab)
+
+
+class ProxyConfig(Config):
+    """The unlabelled server-side corpus distillation runs on.
+
+    ``held-out``: texts of the task's test split after the evaluation slice (never scored), the
+    first ``size`` of them; each round's batch is ``batch`` of those, drawn from the seed and the
+    round, the same for every client of the round. ``preinstalled: false``: the texts cross the
+    downlink once, with a client's first download (their UTF-8 bytes, counted).
+    """
+
+    source: Literal["held-out"] = "held-out"
+    size: int = Field(default=64, ge=1)  # examples in the proxy pool
+    batch: int = Field(default=16, ge=1)  # examples per round
+    preinstalled: bool = True
+
+
+@TRANSFERS.options("distillation")
+class DistillationTransferConfig(TransferConfig):
+    """Top-k logits of each client's model on a proxy batch, aggregated and distilled into the
+    server's LoRA (FedMKT, FedCoLLM; channel-adaptive k as arXiv 2509.01750).
+
+    Clients upload logits, not weights, so no client adapter is averaged: each client keeps its
+    own (personal) adapter from round to round. ``aggregation``: ``adaptive`` averages each
+    token over the clients that sent it, ``zero-pad`` over every client (a missing token counts
+    0). ``selective`` (FedMKT): per proxy example only the client whose distribution scores the
+    example's reference best. The server trains a LoRA of rank ``server_lora_r`` on
+    ``server_roles`` (and its head) for ``server_steps`` AdamW steps of KL at ``temperature``
+    on each round's batch, then merges it into its weights.
+    """
+
+    name: Literal["distillation"] = "distillation"
+    proxy: ProxyConfig = ProxyConfig()
+    logits: TopKLogitsConfig = TopKLogitsConfig()
+    temperature: PositiveFloat = 2.0
+    aggregation: Literal["adaptive", "zero-pad"] = "adaptive"
+    selective: bool = False
+    server_steps: int = Field(default=5, ge=1)
+    server_lr: PositiveFloat = 1e-3
+    server_lora_r: int = Field(default=8, ge=1)
+    server_roles: tuple[str, ...] = ("q", "v")
 
 
 # --- round policies (fedsim.rounds) ---------------------------------------------------------

@@ -52,6 +52,7 @@ from fedsim.plugins import (
     model_note,
 )
 from fedsim.registry import Registry
+from fedsim.roles import ROLES
 
 
 class ScenarioError(FedsimError):
@@ -370,6 +371,19 @@ class Scenario(Config):
                              "server failures "
                              "(faults.server_failure_per_h) cannot be checkpointed yet: an "
                              "update preempted in service is not restored")
+        return self
+
+    @model_validator(mode="after")
+    def _distillation_needs_a_server(self) -> Scenario:
+        if self.transfer.name != "distillation":
+            return self
+        if self.server.model is None or not self.workload.trains_models:
+            raise ValueError("transfer.name: distillation needs a server model to distil into "
+                             "(server.model) and the real workload")
+        unknown = [r for r in self.transfer.server_roles if r not in ROLES]
+        if unknown or not self.transfer.server_roles:
+            raise ValueError(f"transfer.server_roles: {unknown or 'none'}: roles are "
+                             f"{', '.join(ROLES)}")
         return self
 
     @model_validator(mode="after")

@@ -133,13 +133,18 @@ class ServerModel:
                  projector_options: Mapping[str, Any] | None = None,
                  probe_examples: Sequence[Example] = (), max_length: int = 64,
                  batch_size: int = 16, dataset: str | None = None,
-                 zero_head: bool = False) -> None:
+                 zero_head: bool = False, lora_r: int = 1, lora_alpha: float = 1.0,
+                 target_roles: Sequence[str] | None = None) -> None:
         arch = model_source(model_name).spec.architecture
         if arch not in ROLE_MODULES:
             raise FedsimError(f"server model {model_name!r}: no module role map for {arch!r}")
-        # A rank-1 LoRA with B = 0 on one role: the trainer's machinery, the base model's outputs.
-        cfg = LocalTrainingConfig(lora_r=1, lora_alpha=1, target_roles=(next(iter(
-            ROLE_MODULES[arch])),), max_length=max_length, batch_size=batch_size)
+        # By default a rank-1 LoRA with B = 0 on one role: the trainer's machinery, the base
+        # model's outputs. A transfer that trains the server (distillation) asks for its own.
+        roles = tuple(target_roles or (next(iter(ROLE_MODULES[arch])),))
+        cfg = LocalTrainingConfig(lora_r=lora_r, lora_alpha=lora_alpha, target_roles=roles,
+                                  max_length=max_length, batch_size=batch_size,
+                                  lora_dropout=0.0)
+        self.model_name = model_name
         self.trainer = FamilyTrainer(model_name, task, num_labels, cfg, seed, dataset)
         self.model, self.tokenizer, self.spec = (self.trainer.model, self.trainer.tokenizer,
                                                  self.trainer.spec)
@@ -179,6 +184,27 @@ class ServerModel:
             for k, v in weights.items():
                 self._weights[k].copy_(v)
         self._merged = set(weights)
+        self.adapter = self.trainer.current_adapter()
+
+    def fold_lora(self) -> None:
+        """Fold the trainer's LoRA into the weights, W += (α/r)·B·A per module, and reset the
+        LoRA to its start (B = 0): the server is its weights again (what a checkpoint keeps).
+        The head, trained in place, is marked as changed too."""
+        params, start = self.trainer._params, self.trainer._initial
+        scale = self.trainer.cfg.lora_alpha / self.trainer.cfg.lora_r
+        with torch.no_grad():
+            for key, param in params.items():
+                if key.endswith(LORA_A):
+                    module = key.removesuffix(LORA_A)
+                    b = params[module + LORA_B]
+                    weight = self._weights[module + ".weight"]
+                    weight.add_((scale * b.float() @ param.float()).to(weight.dtype))
+                    self._merged.add(module + ".weight")
+                elif not key.endswith(LORA_B) and key in self._weights:
+                    self._merged.add(key)  # the head
+            for key, param in params.items():
+                if key.endswith((LORA_A, LORA_B)):
+                    param.copy_(start[key])
         self.adapter = self.trainer.current_adapter()
 
     def head_weights(self) -> dict[str, torch.Tensor]:
@@ -477,3 +503,6 @@ class ServerSet:
             head = v.name + "/"
             v.model.load_merged_weights({k[len(head):]: t for k, t in tensors.items()
                                          if k.startswith(head)})
+
+
+from fedsim import distillation as _distillation  # noqa: E402,F401  (registers "distillation")

@@ -62,6 +62,7 @@ class Sent:
     quality: float  # local loss improvement
     payload: Payload  # the bytes on the wire
     start: Adapter  # the adapter the client trained from (the server knows it: it sent it)
+    proxy: tuple[int, ...] = ()  # distillation: the proxy batch the logits are of (positions)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,404 @@
+"""Distillation as a transfer: clients' top-k logits on a proxy batch, distilled into the server.
+
+The weight path (:class:`fedsim.server.ProjectionTransfer`) moves task vectors; this one moves
+what the clients' models *say* on a shared unlabelled corpus (FedMKT, FedCoLLM; the top-k
+payload and its channel-adaptive k as in arXiv 2509.01750). The life of a round:
+
+1. **Proxy batch.** :class:`ProxySet` holds the server-side corpus (held-out texts of the task,
+   never scored); each round's batch is drawn from the seed and the round, the same for every
+   client of the round.
+2. **Client.** After its local LoRA training the client runs its model on the batch
+   (:func:`client_logits`) and uploads the top-k of each position's logits
+   (:mod:`fedsim.logits`: indices and fp16/8-bit values, CRC; ``len(payload)`` on the uplink).
+   A position is an example for a classifier or multiple choice (logits over its labels or
+   choices), a target token for a causal LM (logits over the vocabulary). The forward pass is
+   part of the client's modelled FLOPs. Nothing else leaves the client: it keeps its own adapter
+   for the next round (no client adapter is averaged).
+3. **Alignment.** Class logits need none. Token logits are mapped onto the server's vocabulary
+   and positions (:mod:`fedsim.alignment`: minimum-edit-distance vocabulary map, sequence
+   alignment of the two tokenizations of the same target text).
+4. **Aggregation** (:func:`aggregate_teachers`). Per server position, the union of the clients'
+   supports: ``adaptive`` gives token t the weighted mean of p_i(t) over the clients that sent
+   t; ``zero-pad`` over every client of the batch, a missing token counting 0 (the baseline the
+   paper improves on). Client weights: the examples each trained on × the round policy's
+   weight. ``selective`` (FedMKT) keeps, per proxy example, the one client whose distribution
+   gives the example's reference the lowest cross-entropy.
+5. **Server.** The teacher (normalized on its support) is distilled into the server's LoRA:
+   ``server_steps`` AdamW steps of T²·KL(teacher ‖ student on the support) at temperature T,
+   full batch, dropout off; the LoRA is then folded into the server's weights
+   (W += (α/r)·B·A, LoRA reset), so the server is one set of weights, as on the weight path.
+   FLOPs: forward + backward per step, 4·N·tokens (+ the LM head), charged as server time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from fedsim import logits as topk
+from fedsim.alignment import VocabMap, align_topk, vocab_map, vocabulary
+from fedsim.data import Example
+from fedsim.errors import FedsimError
+from fedsim.plugins import TRANSFERS, DistillationTransferConfig, ProxyConfig
+from fedsim.rng import stream
+from fedsim.server import ModelLike, ServerModel, Transfer
+
+if TYPE_CHECKING:
+    from fedsim.aggregators import Aggregator, ClientResult
+    from fedsim.training import FamilyTrainer
+
+
+# --- the proxy set ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProxySet:
+    """The server-side corpus and each round's batch of it."""
+
+    examples: tuple[Example, ...]
+    batch_size: int
+    seed: int
+
+    @property
+    def nbytes(self) -> int:
+        """UTF-8 bytes of the corpus (texts, and references where it has them): what crosses
+        the downlink once when it is not preinstalled."""
+        return sum(len(e.text.encode()) + len((e.target or "").encode()) for e in self.examples)
+
+    def batch(self, round_: int) -> tuple[int, ...]:
+        """Positions in :attr:`examples` of round ``round_``'s batch, ascending."""
+        n = len(self.examples)
+        rng = stream(self.seed, f"proxy/{round_}")
+        return tuple(sorted(int(i) for i in rng.choice(n, size=min(self.batch_size, n),
+                                                       replace=False)))
+
+    def take(self, positions: Sequence[int]) -> list[Example]:
+        return [self.examples[int(i)] for i in positions]
+
+
+def proxy_set(test: Sequence[Example], evaluated: int, cfg: ProxyConfig, seed: int) -> ProxySet:
+    """``cfg.size`` held-out examples after the first ``evaluated`` of the test split."""
+    pool = tuple(test[evaluated:evaluated + cfg.size])
+    if not pool:
+        raise FedsimError(f"transfer.proxy: the test split has {len(test)} examples and "
+                          f"task.eval_examples takes {evaluated}: none left for the proxy set")
+    return ProxySet(pool, cfg.batch, seed)
+
+
+# --- the client side ---------------------------------------------------------------------------
+
+
+def _target_mask(targets: torch.Tensor, kept: int) -> torch.Tensor:
+    """(batch, kept − 1) True where a kept logit predicts a target token (see
+    ``Generation.loss``: kept position t predicts token t + 1)."""
+    return targets[:, -kept:][:, 1:] != -100
+
+
+def model_logits(trainer: FamilyTrainer, examples: Sequence[Example]) -> tuple[torch.Tensor,
+                                                                              list[int]]:
+    """The trainer's current model on ``examples``: (positions × outputs) logits and the
+    positions of each example (1 for a choosing task; its target tokens for a causal LM).
+    Batches of ``batch_size``, with gradients where the caller enables them."""
+    rows, lengths = [], []
+    for i in range(0, len(examples), trainer.cfg.batch_size):
+        batch, targets = trainer.inputs(examples[i:i + trainer.cfg.batch_size])
+        out = trainer.model(**batch).logits
+        if out.dim() == 2:  # a class (or choice) per example
+            rows.append(out)
+            lengths += [1] * out.shape[0]
+            continue
+        mask = _target_mask(targets, out.shape[1])
+        rows.append(out[:, :-1][mask])
+        lengths += mask.sum(1).tolist()
+    return torch.cat(rows).float(), lengths
+
+
+@torch.inference_mode()
+def client_logits(trainer: FamilyTrainer, adapter: Mapping[str, torch.Tensor],
+                  examples: Sequence[Example]) -> tuple[torch.Tensor, list[int]]:
+    """``adapter``'s logits on the proxy ``examples`` (see :func:`model_logits`), on the
+    job's thread count: the same numbers whichever executor trained it."""
+    from fedsim.training import torch_threads
+
+    with torch_threads(trainer.cfg.threads):
+        trainer.apply(dict(adapter))
+        return model_logits(trainer, examples)
+
+
+def forward_flops(trainer: FamilyTrainer, examples: Sequence[Example]) -> float:
+    """FLOPs of one forward pass of ``trainer``'s model over ``examples`` (2·N·tokens, and a
+    causal LM's output layer on its logit positions)."""
+    return trainer._forward_flops(examples, trainer._forward_tokens(examples))
+
+
+def output_size(trainer: FamilyTrainer, examples: Sequence[Example]) -> int:
+    """V of the payload: the labels, the choices, or the vocabulary."""
+    if trainer.task.head == "causal-lm":
+        return int(trainer.model.config.vocab_size)
+    if trainer.num_classes:
+        return int(trainer.num_classes)
+    return len(examples[0].choices or ())
+
+
+def positions_of(trainer: FamilyTrainer, examples: Sequence[Example]) -> list[int]:
+    """Positions per example, from the tokenization alone (what the payload will hold)."""
+    if trainer.task.head != "causal-lm":
+        return [1] * len(examples)
+    return [sum(t != -100 for t in trainer._encode(e)[0].labels or ()) for e in examples]
+
+
+def target_ids(trainer: FamilyTrainer, example: Example) -> list[int]:
+    """The tokens of ``example``'s target as ``trainer`` tokenizes it (end token included)."""
+    row = trainer._encode(example)[0]
+    return [i for i, t in zip(row.ids, row.labels or (), strict=True) if t != -100]
+
+
+# --- aggregation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A distribution per server position on a small support: ids (P × U, −1 padding) and
+    probabilities (P × U, 0 on padding)."""
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+
+    def normalized(self) -> Teacher:
+        total = self.probs.sum(1, keepdim=True)
+        return Teacher(self.ids, torch.where(total > 0, self.probs / total.clamp_min(1e-30),
+                                             self.probs))
+
+
+def truncated_softmax(values: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(values / T) over each row's kept logits (the top-k renormalized)."""
+    return torch.softmax(values.double() / temperature, dim=-1)
+
+
+def aggregate_teachers(teachers: Sequence[Teacher], weights: Sequence[float],
+                       rule: str = "adaptive") -> Teacher:
+    """Per position, the union of the clients' supports with, for each token t,
+    ``adaptive``: Σᵢ wᵢ·pᵢ(t) / Σ_{i sent t} wᵢ; ``zero-pad``: Σᵢ wᵢ·pᵢ(t) / Σᵢ wᵢ (every
+    client, a missing token counting 0). Not renormalized (:meth:`Teacher.normalized`); ids
+    ascending within a row. Every teacher has the same positions."""
+    if not teachers or len(teachers) != len(weights):
+        raise FedsimError(f"{len(teachers)} teachers for {len(weights)} weights")
+    if rule not in ("adaptive", "zero-pad"):
+        raise FedsimError(f"aggregation rule must be adaptive or zero-pad, got {rule!r}")
+    positions = teachers[0].ids.shape[0]
+    if any(t.ids.shape[0] != positions for t in teachers):
+        raise FedsimError("teachers of one batch must have the same positions")
+    pos, ids, mass, sent = [], [], [], []
+    for t, w in zip(teachers, weights, strict=True):
+        p = np.repeat(np.arange(positions), t.ids.shape[1])
+        i, q = t.ids.numpy().ravel(), t.probs.double().numpy().ravel()
+        keep = i >= 0
+        pos.append(p[keep]), ids.append(i[keep]), mass.append(w * q[keep])
+        sent.append(np.full(int(keep.sum()), float(w)))
+    p, i = np.concatenate(pos), np.concatenate(ids)
+    width = int(i.max()) + 1 if i.size else 1
+    keys, inverse = np.unique(p * width + i, return_inverse=True)
+    num = np.bincount(inverse, np.concatenate(mass), minlength=len(keys))
+    den = (np.bincount(inverse, np.concatenate(sent), minlength=len(keys)) if rule == "adaptive"
+           else np.full(len(keys), float(sum(weights))))
+    return _padded(keys // width, keys % width, num / np.where(den > 0, den, 1.0), positions)
+
+
+def _padded(pos: np.ndarray, ids: np.ndarray, q: np.ndarray, positions: int) -> Teacher:
+    """COO entries (sorted by position) as padded rows."""
+    counts = np.bincount(pos, minlength=positions)
+    width = max(int(counts.max()) if counts.size else 0, 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    col = np.arange(len(pos)) - starts[pos]
+    out_ids = np.full((positions, width), -1, dtype=np.int64)
+    out_q = np.zeros((positions, width))
+    out_ids[pos, col], out_q[pos, col] = ids, q
+    return Teacher(torch.from_numpy(out_ids), torch.from_numpy(out_q))
+
+
+def reference_loss(teacher: Teacher, references: torch.Tensor) -> torch.Tensor:
+    """Per position, −log of the teacher's (normalized) probability of the reference id;
+    inf where the reference is outside its support or the position has none (< 0)."""
+    t = teacher.normalized()
+    hit = (t.ids == references[:, None]) & (references[:, None] >= 0)
+    p = (t.probs * hit).sum(1)
+    return torch.where(p > 0, -torch.log(p.clamp_min(1e-300)), torch.full_like(p, math.inf))
+
+
+def entropy(teacher: Teacher) -> torch.Tensor:
+    t = teacher.normalized()
+    return -(t.probs * torch.log(t.probs.clamp_min(1e-300))).sum(1)
+
+
+def select_teachers(teachers: Sequence[Teacher], lengths: Sequence[int],
+                    references: torch.Tensor | None) -> Teacher:
+    """FedMKT's selective transfer: per example (``lengths``: its positions), the teacher of
+    the lowest mean reference cross-entropy (no references: the lowest mean entropy; ties:
+    the earlier client)."""
+    scores = torch.stack([reference_loss(t, references) if references is not None
+                          else entropy(t) for t in teachers])  # clients × positions
+    width = max(t.ids.shape[1] for t in teachers)
+    ids = torch.full((int(sum(lengths)), width), -1, dtype=torch.long)
+    probs = torch.zeros(ids.shape, dtype=torch.float64)
+    start = 0
+    for n in lengths:
+        seg = slice(start, start + n)
+        best = int(torch.argmin(scores[:, seg].mean(1)))  # inf where a reference is missed
+        t = teachers[best]
+        ids[seg, :t.ids.shape[1]], probs[seg, :t.ids.shape[1]] = t.ids[seg], t.probs[seg]
+        start += n
+    return Teacher(ids, probs)
+
+
+# --- the server side ---------------------------------------------------------------------------
+
+
+def kl_on_support(student_logits: torch.Tensor, teacher: Teacher, temperature: float
+                  ) -> torch.Tensor:
+    """T²·mean over positions of KL(q ‖ p) on each position's support, p the student's
+    softmax(z / T) renormalized there; positions with an empty support are left out."""
+    t = teacher.normalized()
+    valid = t.ids >= 0
+    rows = valid.any(1)
+    logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    s = logp.gather(1, t.ids.clamp_min(0)).masked_fill(~valid, -math.inf)
+    s = s - torch.logsumexp(s, dim=1, keepdim=True)
+    q = t.probs.to(s.dtype)
+    kl = torch.where(valid, q * (torch.log(q.clamp_min(1e-30)) - s), torch.zeros_like(q))
+    return temperature ** 2 * kl[rows].sum(1).mean()
+
+
+def distil(server: ServerModel, examples: Sequence[Example], teacher: Teacher,
+           cfg: DistillationTransferConfig) -> float:
+    """Train the server's LoRA (and head) on KL to ``teacher``, then fold it into the weights;
+    the FLOPs (``server_steps`` × forward + backward)."""
+    trainer = server.trainer
+    trainer.apply(server.adapter)
+    params = list(trainer._params.values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.server_lr, weight_decay=0.0)
+    for _ in range(cfg.server_steps):  # eval mode: no dropout, so the result is a function
+        logits, _ = model_logits(trainer, examples)
+        loss = kl_on_support(logits, teacher, cfg.temperature)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    server.fold_lora()
+    return cfg.server_steps * 2.0 * forward_flops(trainer, examples)
+
+
+@dataclass
+class _Family:
+    trainer: Any  # the family's model (a FamilyTrainer): tokenizes the proxy as the client did
+    vmap: VocabMap | None  # client -> server token ids (generation only)
+
+
+@TRANSFERS.register("distillation")
+class DistillationTransfer(Transfer):
+    """Top-k logits → aligned → aggregated → distilled (see the module text).
+
+    ``carry`` receives the decoded payload as tensors (``indices``, ``values`` from
+    :func:`fedsim.logits.decode`, ``lengths`` per example, ``proxy`` the batch's positions) and
+    returns the client's teacher in the server's space (``ids``, ``probs``, ``lengths``,
+    ``proxy``); ``merge`` aggregates a round's teachers per proxy batch and distils them.
+    """
+
+    cfg: DistillationTransferConfig
+
+    def __init__(self, cfg: DistillationTransferConfig) -> None:
+        super().__init__(cfg)
+        self.families: dict[str, _Family] = {}
+        self.proxy: ProxySet | None = None
+
+    def server_options(self) -> dict[str, Any]:
+        r = self.cfg.server_lora_r
+        return {"lora_r": r, "lora_alpha": 2 * r, "target_roles": self.cfg.server_roles}
+
+    def prepare(self, server: ServerModel, family: str, small: ModelLike, *,
+                roles: Sequence[str], lora_scale: float, probe_texts: Sequence[str]) -> None:
+        vmap = None
+        if server.trainer.task.head == "causal-lm":
+            vmap = vocab_map(vocabulary(small.tokenizer, family),
+                             vocabulary(server.tokenizer, server.model_name))
+        self.families[family] = _Family(small, vmap)
+
+    def _proxy(self) -> ProxySet:
+        if self.proxy is None:
+            raise FedsimError("the distillation transfer has no proxy set (set .proxy)")
+        return self.proxy
+
+    def carry(self, server: ServerModel, family: str, start: Mapping[str, torch.Tensor],
+              delta: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        fam = self.families[family]
+        probs = truncated_softmax(delta["values"], self.cfg.temperature)
+        ids, lengths = delta["indices"].long(), delta["lengths"].long()
+        flops = 3.0 * probs.numel()  # exp, sum, divide per kept logit
+        if fam.vmap is not None:  # onto the server's vocabulary and positions, per example
+            examples = self._proxy().take(delta["proxy"].tolist())
+            out_ids, out_p, out_len, start_row = [], [], [], 0
+            for e, n in zip(examples, lengths.tolist(), strict=True):
+                s_ids = target_ids(server.trainer, e)
+                a_ids, a_p = align_topk(fam.vmap, s_ids, target_ids(fam.trainer, e),
+                                        ids[start_row:start_row + n].numpy(),
+                                        probs[start_row:start_row + n].numpy())
+                out_ids.append(torch.from_numpy(a_ids)), out_p.append(torch.from_numpy(a_p))
+                out_len.append(len(s_ids))
+                start_row += n
+                flops += 4.0 * a_ids.size  # map, group, sort per aligned entry
+            ids, probs, lengths = torch.cat(out_ids), torch.cat(out_p), torch.tensor(out_len)
+        return {"ids": ids, "probs": probs, "lengths": lengths,
+                "proxy": delta["proxy"].long()}, flops
+
+    def merge(self, server: ServerModel, results: Sequence[ClientResult],
+              aggregator: Aggregator, round_: int) -> float:
+        """Per proxy batch (an asynchronous policy may mix rounds'), aggregate and distil."""
+        groups: dict[tuple[int, ...], list[ClientResult]] = {}
+        for r in results:
+            groups.setdefault(tuple(r.delta["proxy"].tolist()), []).append(r)
+        flops = 0.0
+        for batch, members in sorted(groups.items()):
+            examples = self._proxy().take(batch)
+            lengths = members[0].delta["lengths"].tolist()
+            teachers = [Teacher(r.delta["ids"], r.delta["probs"]) for r in members]
+            if self.cfg.selective:
+                teacher = select_teachers(teachers, lengths, references(server, examples))
+            else:
+                weights = [r.num_samples * r.weight for r in members]
+                teacher = aggregate_teachers(teachers, weights, self.cfg.aggregation)
+            flops += 2.0 * sum(t.ids.numel() for t in teachers)
+            flops += distil(server, examples, teacher, self.cfg)
+        return flops
+
+
+def references(server: ServerModel, examples: Sequence[Example]) -> torch.Tensor | None:
+    """Per server position the reference id: the label or right choice, or the target token;
+    None when the proxy examples have none."""
+    if server.trainer.task.head == "causal-lm":
+        if any(e.target is None for e in examples):
+            return None
+        return torch.tensor([i for e in examples for i in target_ids(server.trainer, e)])
+    if any(e.label is None for e in examples):
+        return None
+    return torch.tensor([int(e.label) for e in examples])  # type: ignore[arg-type]
+
+
+def teacher_of_payload(transfer: DistillationTransfer, server: ServerModel, family: str,
+                       decoded: topk.TopKLogits, proxy: Sequence[int]) -> Teacher:
+    """One client's decoded payload as the server's teacher (tests and notebooks)."""
+    carried, _ = transfer.carry(server, family, {}, payload_tensors(decoded, proxy))
+    return Teacher(carried["ids"], carried["probs"])
+
+
+def payload_tensors(decoded: topk.TopKLogits, proxy: Sequence[int]) -> dict[str, torch.Tensor]:
+    """A decoded payload as the tensors :meth:`DistillationTransfer.carry` takes."""
+    return {"indices": decoded.indices.long(), "values": decoded.values.float(),
+            "lengths": torch.tensor(decoded.lengths, dtype=torch.long),
+            "proxy": torch.tensor(list(proxy), dtype=torch.long)}
+
+
+__all__ = ["DistillationTransfer", "ProxySet", "Teacher", "aggregate_teachers", "client_logits",
+           "distil", "kl_on_support", "proxy_set", "select_teachers"]
