@@ -273,28 +273,61 @@ def kl_on_support(student_logits: torch.Tensor, teacher: Teacher, temperature: f
     return temperature ** 2 * kl[rows].sum(1).mean()
 
 
+def distil_adapter(trainer: FamilyTrainer, adapter: Mapping[str, torch.Tensor],
+                   examples: Sequence[Example], teacher: Teacher, *, steps: int, lr: float,
+                   temperature: float) -> dict[str, torch.Tensor]:
+    """``steps`` full-batch AdamW steps of :func:`kl_on_support` from ``adapter`` (its LoRA and
+    head), eval mode (no dropout: the result is a function of its inputs); the new adapter."""
+    from fedsim.training import torch_threads
+
+    with torch_threads(trainer.cfg.threads):
+        trainer.apply(dict(adapter))
+        optimizer = torch.optim.AdamW(list(trainer._params.values()), lr=lr, weight_decay=0.0)
+        for _ in range(steps):
+            logits, _ = model_logits(trainer, examples)
+            kl_on_support(logits, teacher, temperature).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return trainer.current_adapter()
+
+
+def distil_flops(trainer: FamilyTrainer, examples: Sequence[Example], steps: int) -> float:
+    """FLOPs of :func:`distil_adapter`: forward + backward (2 forwards' worth) per step."""
+    return steps * 2.0 * forward_flops(trainer, examples)
+
+
 def distil(server: ServerModel, examples: Sequence[Example], teacher: Teacher,
            cfg: DistillationTransferConfig) -> float:
     """Train the server's LoRA (and head) on KL to ``teacher``, then fold it into the weights;
     the FLOPs (``server_steps`` × forward + backward)."""
-    trainer = server.trainer
-    trainer.apply(server.adapter)
-    params = list(trainer._params.values())
-    optimizer = torch.optim.AdamW(params, lr=cfg.server_lr, weight_decay=0.0)
-    for _ in range(cfg.server_steps):  # eval mode: no dropout, so the result is a function
-        logits, _ = model_logits(trainer, examples)
-        loss = kl_on_support(logits, teacher, cfg.temperature)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    distil_adapter(server.trainer, server.adapter, examples, teacher, steps=cfg.server_steps,
+                   lr=cfg.server_lr, temperature=cfg.temperature)
     server.fold_lora()
-    return cfg.server_steps * 2.0 * forward_flops(trainer, examples)
+    return distil_flops(server.trainer, examples, cfg.server_steps)
 
 
 @dataclass
 class _Family:
     trainer: Any  # the family's model (a FamilyTrainer): tokenizes the proxy as the client did
     vmap: VocabMap | None  # client -> server token ids (generation only)
+    back: VocabMap | None = None  # server -> client token ids (generation, mutual transfer)
+
+
+def _aligned(vmap: VocabMap, to_trainer: Any, from_trainer: Any, examples: Sequence[Example],
+             ids: torch.Tensor, probs: torch.Tensor, lengths: Sequence[int]
+             ) -> tuple[torch.Tensor, torch.Tensor, list[int], float]:
+    """Per-example top-k rows of ``from_trainer``'s target tokens as rows of ``to_trainer``'s
+    (:func:`fedsim.alignment.align_topk`); ids, probs, positions per example and FLOPs."""
+    out_ids, out_p, out_len, row, flops = [], [], [], 0, 0.0
+    for e, n in zip(examples, lengths, strict=True):
+        to_ids = target_ids(to_trainer, e)
+        a_ids, a_p = align_topk(vmap, to_ids, target_ids(from_trainer, e),
+                                ids[row:row + n].numpy(), probs[row:row + n].numpy())
+        out_ids.append(torch.from_numpy(a_ids)), out_p.append(torch.from_numpy(a_p))
+        out_len.append(len(to_ids))
+        row += n
+        flops += 4.0 * a_ids.size  # map, group, sort per aligned entry
+    return torch.cat(out_ids), torch.cat(out_p), out_len, flops
 
 
 @TRANSFERS.register("distillation")
@@ -320,11 +353,13 @@ class DistillationTransfer(Transfer):
 
     def prepare(self, server: ServerModel, family: str, small: ModelLike, *,
                 roles: Sequence[str], lora_scale: float, probe_texts: Sequence[str]) -> None:
-        vmap = None
+        vmap = back = None
         if server.trainer.task.head == "causal-lm":
-            vmap = vocab_map(vocabulary(small.tokenizer, family),
-                             vocabulary(server.tokenizer, server.model_name))
-        self.families[family] = _Family(small, vmap)
+            mine = vocabulary(small.tokenizer, family)
+            theirs = vocabulary(server.tokenizer, server.model_name)
+            vmap = vocab_map(mine, theirs)
+            back = vocab_map(theirs, mine) if self.cfg.mutual else None
+        self.families[family] = _Family(small, vmap, back)
 
     def _proxy(self) -> ProxySet:
         if self.proxy is None:
@@ -339,17 +374,9 @@ class DistillationTransfer(Transfer):
         flops = 3.0 * probs.numel()  # exp, sum, divide per kept logit
         if fam.vmap is not None:  # onto the server's vocabulary and positions, per example
             examples = self._proxy().take(delta["proxy"].tolist())
-            out_ids, out_p, out_len, start_row = [], [], [], 0
-            for e, n in zip(examples, lengths.tolist(), strict=True):
-                s_ids = target_ids(server.trainer, e)
-                a_ids, a_p = align_topk(fam.vmap, s_ids, target_ids(fam.trainer, e),
-                                        ids[start_row:start_row + n].numpy(),
-                                        probs[start_row:start_row + n].numpy())
-                out_ids.append(torch.from_numpy(a_ids)), out_p.append(torch.from_numpy(a_p))
-                out_len.append(len(s_ids))
-                start_row += n
-                flops += 4.0 * a_ids.size  # map, group, sort per aligned entry
-            ids, probs, lengths = torch.cat(out_ids), torch.cat(out_p), torch.tensor(out_len)
+            ids, probs, out_len, f = _aligned(fam.vmap, server.trainer, fam.trainer, examples,
+                                              ids, probs, lengths.tolist())
+            lengths, flops = torch.tensor(out_len), flops + f
         return {"ids": ids, "probs": probs, "lengths": lengths,
                 "proxy": delta["proxy"].long()}, flops
 
@@ -372,6 +399,41 @@ class DistillationTransfer(Transfer):
             flops += 2.0 * sum(t.ids.numel() for t in teachers)
             flops += distil(server, examples, teacher, self.cfg)
         return flops
+
+
+    # -- mutual transfer: the server's logits back down -----------------------------------
+
+    def server_payload(self, server: ServerModel, batch: Sequence[int]) -> topk.LogitsPayload:
+        """The server's top-k logits on proxy ``batch`` (k: ``logits.k``, k_max if adaptive)."""
+        z, lengths = client_logits(server.trainer, server.adapter, self._proxy().take(batch))
+        cfg = self.cfg.logits
+        k = cfg.k_max if cfg.adaptive else cfg.k_for(0.0, None, z.shape[0], z.shape[1])
+        return topk.encode(z, min(k, z.shape[1]), cfg.value_bits, lengths)
+
+    def client_teacher(self, server: ServerModel, family: str, payload: topk.LogitsPayload,
+                       batch: Sequence[int]) -> Teacher:
+        """The server's payload as a teacher in ``family``'s space (its vocabulary and
+        positions, for token logits)."""
+        decoded = topk.decode(payload)
+        ids = decoded.indices.long()
+        probs = truncated_softmax(decoded.values, self.cfg.temperature)
+        fam = self.families[family]
+        if fam.back is not None:
+            ids, probs, _, _ = _aligned(fam.back, fam.trainer, server.trainer,
+                                        self._proxy().take(batch), ids, probs, decoded.lengths)
+        return Teacher(ids, probs)
+
+    def client_distil(self, server: ServerModel, family: str, adapter: Mapping[str, torch.Tensor],
+                      payload: topk.LogitsPayload, batch: Sequence[int]
+                      ) -> tuple[dict[str, torch.Tensor], float]:
+        """A client's adapter after distilling from the server's payload, and the FLOPs."""
+        trainer = self.families[family].trainer
+        examples = self._proxy().take(batch)
+        out = distil_adapter(trainer, adapter, examples,
+                             self.client_teacher(server, family, payload, batch),
+                             steps=self.cfg.client_steps, lr=self.cfg.client_lr,
+                             temperature=self.cfg.temperature)
+        return out, distil_flops(trainer, examples, self.cfg.client_steps)
 
 
 def references(server: ServerModel, examples: Sequence[Example]) -> torch.Tensor | None:

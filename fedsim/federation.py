@@ -214,6 +214,11 @@ class LoraWorkload(Workload):
             proxy_set(self.task.test, len(self.eval_examples), scenario.transfer.proxy,
                       scenario.seed) if self.distilling else None)
         self._upload_estimate: dict[str, int] = {}
+        # Mutual transfer: merges so far (the server's logits exist after the first), the
+        # server's payload of the current version, and each client's distillation FLOPs.
+        self._server_version = 0
+        self._server_logits: tuple[int, Any, tuple[int, ...]] | None = None
+        self._kd_flops: dict[int, float] = {}
         self.servers = ServerSet()
         self._start_head: dict[str, torch.Tensor] | None = None  # see add_server
         if scenario.server.model is not None:
@@ -283,9 +288,15 @@ class LoraWorkload(Workload):
     def download_bytes(self, client: int) -> int:
         fam = self._family(client)
         if self.distilling:  # its own adapter stays on the device: the model comes once
-            self._downloaded[client] = self._personal.get(client, fam.adapter)
+            start = self._personal.get(client, fam.adapter)
             nbytes = self.download_bytes_estimate(client)
             self._installed.add(client)
+            if self._mutual_now():  # the server's logits come down and the client distils
+                payload, batch = self._server_payload()
+                variant = self.servers.primary
+                start, self._kd_flops[client] = variant.transfer.client_distil(
+                    variant.model, fam.model, start, payload, batch)
+            self._downloaded[client] = start
             return nbytes
         self._downloaded[client] = fam.adapter  # immutable: aggregation builds a new dict
         return fam.adapter_nbytes
@@ -294,11 +305,28 @@ class LoraWorkload(Workload):
         fam = self._family(client)
         if not self.distilling:
             return fam.adapter_nbytes
+        down = len(self._server_payload()[0]) if self._mutual_now() else 0
         if client in self._installed:
-            return 0
+            return down
         assert self.proxy is not None
         proxy = 0 if self.scenario.transfer.proxy.preinstalled else self.proxy.nbytes
-        return fam.adapter_nbytes + proxy
+        return fam.adapter_nbytes + proxy + down
+
+    def _mutual_now(self) -> bool:
+        """Whether downloads carry the server's logits: mutual transfer, once it has distilled."""
+        return bool(self.distilling and self.scenario.transfer.mutual and self._server_version)
+
+    def _server_payload(self) -> tuple[Any, tuple[int, ...]]:
+        """The server's top-k logits on the batch of its current version (the round its
+        downloads are for, in sync rounds), computed once per version."""
+        assert self.proxy is not None
+        if self._server_logits is None or self._server_logits[0] != self._server_version:
+            self._settle()  # a background evaluation uses the server's model
+            batch = self.proxy.batch(self._server_version)
+            variant = self.servers.primary
+            self._server_logits = (self._server_version,
+                                   variant.transfer.server_payload(variant.model, batch), batch)
+        return self._server_logits[1], self._server_logits[2]
 
     def upload_bytes_estimate(self, client: int) -> int:
         fam = self._family(client)
@@ -322,6 +350,7 @@ class LoraWorkload(Workload):
         if self.distilling:  # then its model's forward pass over the round's proxy batch
             assert self.proxy is not None
             flops += forward_flops(fam.trainer, self.proxy.take(self.proxy.batch(round_)))
+            flops += self._kd_flops.get(client, 0.0)  # mutual: its distillation first
         return JobPlan(flops=flops, peak_memory_bytes=p.peak_memory_bytes,
                        num_samples=p.num_samples, tokens=p.tokens, context=p)
 
@@ -365,6 +394,7 @@ class LoraWorkload(Workload):
         local = {k: v + update.delta[k] if k in update.delta else v for k, v in start.items()}
         self._last[client] = (start, update.delta)
         self._personal[client] = local
+        self._kd_flops.pop(client, None)
         batch = self.proxy.batch(round_)
         z, lengths = client_logits(fam.trainer, local, self.proxy.take(batch))
         cfg = self.scenario.transfer.logits
@@ -443,6 +473,7 @@ class LoraWorkload(Workload):
         if self.servers:
             flops += self.servers.merge([self._weighted(a) for a in arrivals],
                                         [a.carried for a in arrivals], round_)
+            self._server_version += bool(self.distilling and arrivals)
         return flops
 
     @staticmethod
@@ -526,7 +557,9 @@ class LoraWorkload(Workload):
             put(f"personal/{c}", adapter)
         state = {"versions": {m: f.version for m, f in self.families.items()},
                  "last": sorted(self._last), "downloaded": sorted(self._downloaded),
-                 "personal": sorted(self._personal), "installed": sorted(self._installed)}
+                 "personal": sorted(self._personal), "installed": sorted(self._installed),
+                 "server_version": self._server_version,
+                 "kd_flops": {str(c): f for c, f in self._kd_flops.items()}}
         return state, t
 
     def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -534,6 +567,9 @@ class LoraWorkload(Workload):
         self._downloaded = {c: take(f"downloaded/{c}") for c in state.get("downloaded", [])}
         self._personal = {c: take(f"personal/{c}") for c in state.get("personal", [])}
         self._installed = set(state.get("installed", []))
+        self._server_version = state.get("server_version", 0)
+        self._kd_flops = {int(c): f for c, f in state.get("kd_flops", {}).items()}
+        self._server_logits = None
         for model, fam in self.families.items():
             fam.adapter = take(f"family/{model}")
             fam.version = state["versions"][model]

@@ -391,6 +391,13 @@ class DistillationTransferConfig(TransferConfig):
     server_lr: PositiveFloat = 1e-3
     server_lora_r: int = Field(default=8, ge=1)
     server_roles: tuple[str, ...] = ("q", "v")
+    # Mutual transfer (FedMKT, FedCoLLM): once the server has distilled, each download also
+    # carries the server's top-k logits on the round's proxy batch (``logits.k``, or k_max
+    # when adaptive; bytes counted), and the client distils from them (``client_steps`` AdamW
+    # steps at ``client_lr``, FLOPs in its job) before its local training.
+    mutual: bool = False
+    client_steps: int = Field(default=2, ge=1)
+    client_lr: PositiveFloat = 1e-3
 
 
 # --- round policies (fedsim.rounds) ---------------------------------------------------------

@@ -2,6 +2,7 @@
 server's distillation lowers, the adaptive k against the channel, and tiny runs end to end."""
 
 import csv
+import io
 import math
 
 import numpy as np
@@ -243,3 +244,47 @@ def test_compare_refuses_a_distillation_run_with_a_clear_error(tmp_path, capsys)
                "--set", "server.model=tiny-mpnet", "--out", str(tmp_path / "c")])
     assert rc == 2
     assert "transfer.name" in capsys.readouterr().err
+
+
+def test_mutual_transfer_sends_the_server_logits_down_and_the_clients_distil(tmp_path):
+    sim = Simulation(tiny(mutual=True, client_steps=3, client_lr=5e-3))
+    res = sim.run()
+    wl = sim.workload
+    rows = list(csv.DictReader((write_run_dir(res, tmp_path / "run") / "events.csv").open()))
+    downs = [(int(r["round"]), int(r["bytes"])) for r in rows if r["kind"] == "downlink_end"]
+    # Round 1's downloads are the server's payload on round 1's batch, once it has distilled:
+    # 8 examples × 5 labels at 16 bits.
+    assert {b for r, b in downs if r == 1} == {topk.size_bytes(8, 5, 5, 16, 8)}
+    # ... and the client trained from its adapter distilled towards it: not its round-0 own.
+    start, _ = wl._last[0]
+    variant = wl.servers.primary
+    assert not torch.equal(start["classifier.weight"], wl._personal[0]["classifier.weight"])
+    # Its job's FLOPs hold the distillation's: more than the same run without mutual transfer.
+    plain = Simulation(tiny())
+    plain.run()
+    flops = {int(r["client"]): float(r["detail"].split("=")[1]) for r in rows
+             if r["kind"] == "train_start" and r["round"] == "1"}
+    assert variant.transfer.cfg.mutual and flops
+    plain_flops = {int(r["client"]): float(r["detail"].split("=")[1])
+                   for r in csv.DictReader(io.StringIO(plain.rec.events_csv()))
+                   if r["kind"] == "train_start" and r["round"] == "1"}
+    assert plain_flops.keys() == flops.keys()
+    assert all(flops[c] > plain_flops[c] for c in flops)
+
+
+def test_a_distillation_run_resumes_identically(tmp_path):
+    from test_checkpoint import _resume_from_each
+
+    sc = tiny(mutual=True).model_copy(update={"rounds": 3})
+    sc = validate({**sc.model_dump(mode="json"), "output": {"checkpoint_every": 1}})
+    assert _resume_from_each(sc, tmp_path) == 2
+
+
+def test_distillation_gives_the_same_run_on_worker_processes():
+    inline = Simulation(tiny()).run()
+    sc = tiny()
+    proc = validate({**sc.model_dump(mode="json"),
+                     "executor": {"name": "process", "workers": 2}})
+    out = Simulation(proc).run()
+    assert out.recorder.events_csv() == inline.recorder.events_csv()
+    assert out.summary["quality"] == inline.summary["quality"]
