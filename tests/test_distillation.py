@@ -21,6 +21,7 @@ from fedsim.distillation import (
     model_logits,
     proxy_set,
     select_teachers,
+    target_ids,
 )
 from fedsim.engine import Simulation
 from fedsim.errors import FedsimError
@@ -288,3 +289,47 @@ def test_distillation_gives_the_same_run_on_worker_processes():
     out = Simulation(proc).run()
     assert out.recorder.events_csv() == inline.recorder.events_csv()
     assert out.summary["quality"] == inline.summary["quality"]
+
+
+def tiny_generation(server="tiny-llama", **transfer):
+    return validate({
+        "name": "tiny-distil-gen", "seed": 1, "rounds": 2, "workload": {"name": "real"},
+        "clients": [{"profile": "cloud", "count": 3, "model": "tiny-llama"}],
+        "server": {"model": server},
+        "network": {"channel": {"name": "static"}, "cells": [{}]},
+        "task": {"dataset": "bbc-news", "kind": "generation", "max_train_examples": 60,
+                 "eval_examples": 4, "partition": {"name": "iid"}},
+        "training": {"local_steps": 1, "batch_size": 2, "max_length": 32},
+        "transfer": {"name": "distillation", "proxy": {"size": 8, "batch": 3},
+                     "logits": {"k": 16}, **transfer},
+    })
+
+
+def _payload_positions(sim, round_):
+    wl = sim.workload
+    trainer = wl.families["tiny-llama"].trainer
+    return sum(len(target_ids(trainer, e)) for e in wl.proxy.take(wl.proxy.batch(round_)))
+
+
+def test_generation_distillation_sends_top_k_token_logits_and_mutual_comes_back(tmp_path):
+    sim = Simulation(tiny_generation(mutual=True))
+    res = sim.run()
+    assert len(res.summary["quality"]["server_by_round"]) == 2
+    rows = list(csv.DictReader((write_run_dir(res, tmp_path / "run") / "events.csv").open()))
+    vocab = sim.workload.families["tiny-llama"].trainer.model.config.vocab_size
+    for r in (0, 1):  # one row per target token of the batch, 16 of the vocabulary each
+        want = topk.size_bytes(_payload_positions(sim, r), 16, vocab, 16, 3)
+        assert {int(x["bytes"]) for x in rows if x["kind"] == "encode" and x["round"] == str(r)
+                } == {want}
+    down1 = {int(x["bytes"]) for x in rows if x["kind"] == "downlink_end" and x["round"] == "1"}
+    assert down1 == {topk.size_bytes(_payload_positions(sim, 1), 16, vocab, 16, 3)}
+
+
+@pytest.mark.slow  # the smollm2 -> gemma3 token map (49k x 262k), cached after its first build
+def test_generation_distillation_across_tokenizers():
+    sim = Simulation(tiny_generation(server="tiny-gemma3"))
+    res = sim.run()
+    assert len(res.summary["quality"]["server_by_round"]) == 2
+    transfer = sim.workload.servers.primary.transfer
+    assert transfer.families["tiny-llama"].vmap.exact_fraction > 0.9
+    assert sim.workload.servers.primary.model.merged_weights()
