@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -82,7 +82,13 @@ class ProxySet:
 
 
 def proxy_set(test: Sequence[Example], evaluated: int, cfg: ProxyConfig, seed: int) -> ProxySet:
-    """``cfg.size`` held-out examples after the first ``evaluated`` of the test split."""
+    """``cfg.size`` held-out examples after the first ``evaluated`` of the test split, or the
+    first ``cfg.size`` texts of another dataset's test split, unlabelled (``cfg.source``)."""
+    if cfg.source != "held-out":
+        from fedsim.data import load_dataset
+
+        other = load_dataset(cfg.source, "classification").test[:cfg.size]
+        return ProxySet(tuple(Example(e.text) for e in other), cfg.batch, seed)
     pool = tuple(test[evaluated:evaluated + cfg.size])
     if not pool:
         raise FedsimError(f"transfer.proxy: the test split has {len(test)} examples and "
@@ -105,6 +111,9 @@ def model_logits(trainer: FamilyTrainer, examples: Sequence[Example]) -> tuple[t
     positions of each example (1 for a choosing task; its target tokens for a causal LM).
     Batches of ``batch_size``, with gradients where the caller enables them."""
     rows, lengths = [], []
+    # An unlabelled text gets a placeholder class: collation wants one, the logits ignore it.
+    examples = [e if e.label is not None or e.target is not None or e.choices
+                else replace(e, label=0) for e in examples]
     for i in range(0, len(examples), trainer.cfg.batch_size):
         batch, targets = trainer.inputs(examples[i:i + trainer.cfg.batch_size])
         out = trainer.model(**batch).logits

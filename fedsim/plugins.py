@@ -356,13 +356,21 @@ class ProxyConfig(Config):
     """The unlabelled server-side corpus distillation runs on.
 
     ``held-out``: texts of the task's test split after the evaluation slice (never scored), the
-    first ``size`` of them; each round's batch is ``batch`` of those, drawn from the seed and the
-    round, the same for every client of the round. ``preinstalled: false``: the texts cross the
-    downlink once, with a client's first download (their UTF-8 bytes, counted).
+    first ``size`` of them, with their references (labels, targets: selective transfer scores
+    teachers by them). Another dataset's name (classification only): the first ``size`` texts of
+    that dataset's test split, unlabelled (an out-of-domain corpus; selective transfer then
+    takes the surest teacher). Each round's batch is ``batch`` of them, drawn from the seed and
+    the round, the same for every client of the round. ``preinstalled: false``: the texts cross
+    the downlink once, with a client's first download (their UTF-8 bytes, counted).
     """
 
-    source: Literal["held-out"] = "held-out"
+    source: str = "held-out"
     size: int = Field(default=64, ge=1)  # examples in the proxy pool
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        return v if v == "held-out" else DATASETS.require(v)
     batch: int = Field(default=16, ge=1)  # examples per round
     preinstalled: bool = True
 

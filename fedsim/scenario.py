@@ -380,6 +380,15 @@ class Scenario(Config):
         if self.server.model is None or not self.workload.trains_models:
             raise ValueError("transfer.name: distillation needs a server model to distil into "
                              "(server.model) and the real workload")
+        source = self.transfer.proxy.source
+        if source != "held-out" and self.task.kind != "classification":
+            raise ValueError(f"transfer.proxy.source: an out-of-domain corpus ({source!r}) "
+                             f"serves classification only (a {self.task.kind} proxy needs the "
+                             "task's own inputs: use held-out)")
+        if source == self.task.dataset:
+            raise ValueError(f"transfer.proxy.source: {source!r} is the task's own dataset, "
+                             "whose test split is scored: use held-out (the texts after the "
+                             "evaluation slice)")
         unknown = [r for r in self.transfer.server_roles if r not in ROLES]
         if unknown or not self.transfer.server_roles:
             raise ValueError(f"transfer.server_roles: {unknown or 'none'}: roles are "

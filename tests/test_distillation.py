@@ -333,3 +333,18 @@ def test_generation_distillation_across_tokenizers():
     transfer = sim.workload.servers.primary.transfer
     assert transfer.families["tiny-llama"].vmap.exact_fraction > 0.9
     assert sim.workload.servers.primary.model.merged_weights()
+
+
+def test_an_out_of_domain_proxy_is_unlabelled_and_selective_takes_the_surest_teacher():
+    sim = Simulation(tiny(proxy={"source": "rotten-tomatoes", "size": 12, "batch": 6},
+                          selective=True))
+    res = sim.run()
+    proxy = sim.workload.proxy
+    assert all(e.label is None for e in proxy.examples) and len(proxy.examples) == 12
+    assert len(res.summary["quality"]["server_by_round"]) == 2
+    assert sim.workload.servers.primary.model.merged_weights()
+    with pytest.raises(Exception, match="task's own dataset"):
+        tiny(proxy={"source": "bbc-news"})
+    with pytest.raises(Exception, match="classification only"):
+        validate({**tiny_generation().model_dump(mode="json"),
+                  "transfer": {"name": "distillation", "proxy": {"source": "rotten-tomatoes"}}})

@@ -21,6 +21,7 @@ from fedsim.scenario import load
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = sorted((ROOT / "scenarios").glob("*.yaml"))
 TEST_LINE = re.compile(r"^#\s*test:(.*)$")
+QUALITY_REL = 1e-5  # relative tolerance of recorded model metrics (see assert_same_summary)
 GOLDEN = ROOT / "tests" / "golden"  # summaries recorded before a refactoring (wall time aside)
 
 
@@ -39,7 +40,11 @@ def assert_same_summary(summary: dict, golden_path: Path, rel: float = 1e-9) -> 
             for i, (x, y) in enumerate(zip(a, b, strict=True)):
                 same(x, y, f"{where}.{i}")
         elif isinstance(b, float) and isinstance(a, float):
-            assert math.isclose(a, b, rel_tol=rel, abs_tol=1e-12), f"{where}: {a} != {b}"
+            # Model outputs are float32 sums whose order the CPU's kernels choose (an AMD and an
+            # Intel machine differ by ~1e-8): quality within float32's precision, the engine's
+            # own numbers (times, bytes, rates) within ``rel``.
+            tol = max(rel, QUALITY_REL) if ".quality." in where + "." else rel
+            assert math.isclose(a, b, rel_tol=tol, abs_tol=1e-12), f"{where}: {a} != {b}"
         else:
             assert a == b, f"{where}: {a!r} != {b!r}"
 
