@@ -53,6 +53,12 @@ if TYPE_CHECKING:
     from fedsim.training import FamilyTrainer
 
 
+# Key prefixes of the tensors a client's upload becomes: the decoded payload at ingest
+# (``logits/``) and the teacher in the server's space after ``carry`` (``teacher/``); any other
+# key is a weight update (``weights: true``, both transfers at once).
+LOGITS, TEACHER = "logits/", "teacher/"
+
+
 # --- the proxy set ---------------------------------------------------------------------------
 
 
@@ -343,10 +349,12 @@ def _aligned(vmap: VocabMap, to_trainer: Any, from_trainer: Any, examples: Seque
 class DistillationTransfer(Transfer):
     """Top-k logits → aligned → aggregated → distilled (see the module text).
 
-    ``carry`` receives the decoded payload as tensors (``indices``, ``values`` from
-    :func:`fedsim.logits.decode`, ``lengths`` per example, ``proxy`` the batch's positions) and
-    returns the client's teacher in the server's space (``ids``, ``probs``, ``lengths``,
-    ``proxy``); ``merge`` aggregates a round's teachers per proxy batch and distils them.
+    ``carry`` receives the decoded payload as tensors (``logits/indices``, ``logits/values``
+    from :func:`fedsim.logits.decode`, ``logits/lengths`` per example, ``logits/proxy`` the
+    batch's positions; with ``weights``, the LoRA delta's tensors beside them) and returns the
+    client's teacher in the server's space (``teacher/ids``, ``/probs``, ``/lengths``,
+    ``/proxy``; with ``weights``, the projected task vector beside it); ``merge`` merges the
+    projected updates (``weights``), then aggregates each proxy batch's teachers and distils.
     """
 
     cfg: DistillationTransferConfig
@@ -358,7 +366,11 @@ class DistillationTransfer(Transfer):
 
     def server_options(self) -> dict[str, Any]:
         r = self.cfg.server_lora_r
-        return {"lora_r": r, "lora_alpha": 2 * r, "target_roles": self.cfg.server_roles}
+        out = {"lora_r": r, "lora_alpha": 2 * r, "target_roles": self.cfg.server_roles}
+        if self.cfg.weights:  # the weight path beside: its projector
+            out |= {"projector": self.cfg.projector.name,
+                    "projector_options": self.cfg.projector.options()}
+        return out
 
     def prepare(self, server: ServerModel, family: str, small: ModelLike, *,
                 roles: Sequence[str], lora_scale: float, probe_texts: Sequence[str]) -> None:
@@ -369,6 +381,9 @@ class DistillationTransfer(Transfer):
             vmap = vocab_map(mine, theirs)
             back = vocab_map(theirs, mine) if self.cfg.mutual else None
         self.families[family] = _Family(small, vmap, back)
+        if self.cfg.weights:
+            server.add_family(family, small, roles=roles, lora_scale=lora_scale,
+                              probe_texts=probe_texts)
 
     def _proxy(self) -> ProxySet:
         if self.proxy is None:
@@ -378,28 +393,40 @@ class DistillationTransfer(Transfer):
     def carry(self, server: ServerModel, family: str, start: Mapping[str, torch.Tensor],
               delta: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
         fam = self.families[family]
-        probs = truncated_softmax(delta["values"], self.cfg.temperature)
-        ids, lengths = delta["indices"].long(), delta["lengths"].long()
+        logit = {k.removeprefix(LOGITS): v for k, v in delta.items() if k.startswith(LOGITS)}
+        probs = truncated_softmax(logit["values"], self.cfg.temperature)
+        ids, lengths = logit["indices"].long(), logit["lengths"].long()
         flops = 3.0 * probs.numel()  # exp, sum, divide per kept logit
         if fam.vmap is not None:  # onto the server's vocabulary and positions, per example
-            examples = self._proxy().take(delta["proxy"].tolist())
+            examples = self._proxy().take(logit["proxy"].tolist())
             ids, probs, out_len, f = _aligned(fam.vmap, server.trainer, fam.trainer, examples,
                                               ids, probs, lengths.tolist())
             lengths, flops = torch.tensor(out_len), flops + f
-        return {"ids": ids, "probs": probs, "lengths": lengths,
-                "proxy": delta["proxy"].long()}, flops
+        out = {TEACHER + "ids": ids, TEACHER + "probs": probs, TEACHER + "lengths": lengths,
+               TEACHER + "proxy": logit["proxy"].long()}
+        if self.cfg.weights:  # and the task vector, projected as on the weight path
+            projected, f = server.carry(family, start, {k: v for k, v in delta.items()
+                                                        if not k.startswith(LOGITS)})
+            out, flops = {**projected, **out}, flops + f
+        return out, flops
 
     def merge(self, server: ServerModel, results: Sequence[ClientResult],
               aggregator: Aggregator, round_: int) -> float:
-        """Per proxy batch (an asynchronous policy may mix rounds'), aggregate and distil."""
+        """With ``weights``, first merge the projected updates (``aggregator``); then, per proxy
+        batch (an asynchronous policy may mix rounds'), aggregate the teachers and distil."""
+        flops = 0.0
+        if self.cfg.weights:
+            flops += server.apply([replace(r, delta={k: v for k, v in r.delta.items()
+                                                     if not k.startswith(TEACHER)})
+                                   for r in results], aggregator, round_)
         groups: dict[tuple[int, ...], list[ClientResult]] = {}
         for r in results:
-            groups.setdefault(tuple(r.delta["proxy"].tolist()), []).append(r)
-        flops = 0.0
+            groups.setdefault(tuple(r.delta[TEACHER + "proxy"].tolist()), []).append(r)
         for batch, members in sorted(groups.items()):
             examples = self._proxy().take(batch)
-            lengths = members[0].delta["lengths"].tolist()
-            teachers = [Teacher(r.delta["ids"], r.delta["probs"]) for r in members]
+            lengths = members[0].delta[TEACHER + "lengths"].tolist()
+            teachers = [Teacher(r.delta[TEACHER + "ids"], r.delta[TEACHER + "probs"])
+                        for r in members]
             if self.cfg.selective:
                 teacher = select_teachers(teachers, lengths, references(server, examples))
             else:
@@ -461,14 +488,14 @@ def teacher_of_payload(transfer: DistillationTransfer, server: ServerModel, fami
                        decoded: topk.TopKLogits, proxy: Sequence[int]) -> Teacher:
     """One client's decoded payload as the server's teacher (tests and notebooks)."""
     carried, _ = transfer.carry(server, family, {}, payload_tensors(decoded, proxy))
-    return Teacher(carried["ids"], carried["probs"])
+    return Teacher(carried[TEACHER + "ids"], carried[TEACHER + "probs"])
 
 
 def payload_tensors(decoded: topk.TopKLogits, proxy: Sequence[int]) -> dict[str, torch.Tensor]:
     """A decoded payload as the tensors :meth:`DistillationTransfer.carry` takes."""
-    return {"indices": decoded.indices.long(), "values": decoded.values.float(),
-            "lengths": torch.tensor(decoded.lengths, dtype=torch.long),
-            "proxy": torch.tensor(list(proxy), dtype=torch.long)}
+    return {LOGITS + "indices": decoded.indices.long(), LOGITS + "values": decoded.values.float(),
+            LOGITS + "lengths": torch.tensor(decoded.lengths, dtype=torch.long),
+            LOGITS + "proxy": torch.tensor(list(proxy), dtype=torch.long)}
 
 
 __all__ = ["DistillationTransfer", "ProxySet", "Teacher", "aggregate_teachers", "client_logits",

@@ -208,6 +208,8 @@ class LoraWorkload(Workload):
         # Distillation: clients upload logits, keep their own adapters (``_personal``) and
         # download their model once (``_installed``); the proxy set is the server's corpus.
         self.distilling = scenario.transfer.name == "distillation"
+        # Logits alone: no client adapter is averaged, each client keeps its own.
+        self.personal = self.distilling and not scenario.transfer.weights
         self._personal: dict[int, Adapter] = {}
         self._installed: set[int] = set()
         self.proxy: ProxySet | None = (
@@ -287,8 +289,8 @@ class LoraWorkload(Workload):
 
     def download_bytes(self, client: int) -> int:
         fam = self._family(client)
-        if self.distilling:  # its own adapter stays on the device: the model comes once
-            start = self._personal.get(client, fam.adapter)
+        if self.distilling:  # its own adapter stays on the device (logits alone): it comes once
+            start = self._personal.get(client, fam.adapter) if self.personal else fam.adapter
             nbytes = self.download_bytes_estimate(client)
             self._installed.add(client)
             if self._mutual_now():  # the server's logits come down and the client distils
@@ -306,11 +308,11 @@ class LoraWorkload(Workload):
         if not self.distilling:
             return fam.adapter_nbytes
         down = len(self._server_payload()[0]) if self._mutual_now() else 0
-        if client in self._installed:
-            return down
+        new = client not in self._installed
+        model = fam.adapter_nbytes if new or not self.personal else 0
         assert self.proxy is not None
-        proxy = 0 if self.scenario.transfer.proxy.preinstalled else self.proxy.nbytes
-        return fam.adapter_nbytes + proxy + down
+        proxy = self.proxy.nbytes if new and not self.scenario.transfer.proxy.preinstalled else 0
+        return model + proxy + down
 
     def _mutual_now(self) -> bool:
         """Whether downloads carry the server's logits: mutual transfer, once it has distilled."""
@@ -330,8 +332,9 @@ class LoraWorkload(Workload):
 
     def upload_bytes_estimate(self, client: int) -> int:
         fam = self._family(client)
+        weights = self.codec.size_bytes(codecs.shapes_of(fam.adapter))
         if not self.distilling:
-            return self.codec.size_bytes(codecs.shapes_of(fam.adapter))
+            return weights
         if fam.model not in self._upload_estimate:  # a batch's payload at the largest k
             assert self.proxy is not None
             examples = self.proxy.take(self.proxy.batch(0))
@@ -340,7 +343,7 @@ class LoraWorkload(Workload):
             k = cfg.k_for(math.inf, None, sum(lengths), vocab, len(lengths))
             self._upload_estimate[fam.model] = topk.size_bytes(
                 sum(lengths), k, vocab, cfg.value_bits, len(lengths))
-        return self._upload_estimate[fam.model]
+        return self._upload_estimate[fam.model] + (0 if self.personal else weights)
 
     def plan(self, client: int, round_: int) -> JobPlan:
         fam = self._family(client)
@@ -370,6 +373,18 @@ class LoraWorkload(Workload):
         if self.distilling:
             return self._encode_logits(client, round_, update, rate_bps, time_left_s)
         self._last[client] = (self._start(client), update.delta)
+        enc, delta, err = self._encode_delta(client, round_, update, rate_bps, time_left_s)
+        sent = Sent(self.fleet.model[client], update.num_samples,
+                    update.loss_before - update.loss_after, enc.payload, self._start(client))
+        losses = np.asarray(update.losses, dtype=float)
+        return Upload(nbytes=len(enc.payload), raw_bytes=codecs.raw_bytes(delta),
+                      codec=enc.payload.describe(), rel_error=err, sent=sent,
+                      loss_rms=float(np.sqrt(np.mean(losses ** 2))) if losses.size else math.nan)
+
+    def _encode_delta(self, client: int, round_: int, update: TrainResult, rate_bps: float,
+                      time_left_s: float | None) -> tuple[Any, Adapter, float]:
+        """The LoRA update as the codec encodes it (a malicious client's altered one), what
+        was encoded and its relative error."""
         rng = np.random.default_rng(job_seed(self.scenario.seed, client, round_))
         delta = update.delta
         threat = self.scenario.clients[int(self.fleet.group[client])].attack
@@ -378,12 +393,7 @@ class LoraWorkload(Workload):
         enc = self.codec.encode_update(delta, self.codec_state[client], rng,
                                        rate_bps=rate_bps, time_left_s=time_left_s)
         err = codecs.relative_error(delta, enc.reconstruction)  # no decode of its own bytes
-        sent = Sent(self.fleet.model[client], update.num_samples,
-                    update.loss_before - update.loss_after, enc.payload, self._start(client))
-        losses = np.asarray(update.losses, dtype=float)
-        return Upload(nbytes=len(enc.payload), raw_bytes=codecs.raw_bytes(delta),
-                      codec=enc.payload.describe(), rel_error=err, sent=sent,
-                      loss_rms=float(np.sqrt(np.mean(losses ** 2))) if losses.size else math.nan)
+        return enc, delta, err
 
     def _encode_logits(self, client: int, round_: int, update: TrainResult, rate_bps: float,
                        time_left_s: float | None) -> Upload:
@@ -393,7 +403,8 @@ class LoraWorkload(Workload):
         fam, start = self._family(client), self._start(client)
         local = {k: v + update.delta[k] if k in update.delta else v for k, v in start.items()}
         self._last[client] = (start, update.delta)
-        self._personal[client] = local
+        if self.personal:
+            self._personal[client] = local
         self._kd_flops.pop(client, None)
         batch = self.proxy.batch(round_)
         z, lengths = client_logits(fam.trainer, local, self.proxy.take(batch))
@@ -403,22 +414,32 @@ class LoraWorkload(Workload):
         exact = topk.top_k(z, k, lengths).values
         err = float(torch.linalg.vector_norm(topk.decode(payload).values - exact)
                     / torch.linalg.vector_norm(exact).clamp_min(1e-30))
-        sent = Sent(fam.model, update.num_samples, update.loss_before - update.loss_after,
-                    payload, start, proxy=batch)
+        raw, describe, nbytes = 4 * z.numel(), payload.describe(), len(payload)
+        if self.personal:
+            sent = Sent(fam.model, update.num_samples, update.loss_before - update.loss_after,
+                        payload, start, proxy=batch)
+        else:  # both transfers: the LoRA update first, the logits beside it
+            enc, delta, err_w = self._encode_delta(client, round_, update, rate_bps, time_left_s)
+            sent = Sent(fam.model, update.num_samples, update.loss_before - update.loss_after,
+                        enc.payload, start, proxy=batch, logits=payload)
+            raw, nbytes = raw + codecs.raw_bytes(delta), nbytes + len(enc.payload)
+            describe, err = f"{enc.payload.describe()}+{describe}", max(err, err_w)
         losses = np.asarray(update.losses, dtype=float)
-        return Upload(nbytes=len(payload), raw_bytes=4 * z.numel(), codec=payload.describe(),
-                      rel_error=err, sent=sent,
+        return Upload(nbytes=nbytes, raw_bytes=raw, codec=describe, rel_error=err, sent=sent,
                       loss_rms=float(np.sqrt(np.mean(losses ** 2))) if losses.size else math.nan)
 
     def _ingest_logits(self, client: int, sent: Sent) -> Ingested:
         try:
-            decoded = topk.decode(sent.payload)
+            decoded = topk.decode(sent.payload if sent.logits is None else sent.logits)
         except codecs.PayloadError as e:
-            return Ingested(flops=0.0, accepted=False, detail=f"corrupt payload: {e}")
+            return Ingested(flops=0.0, accepted=False, detail=f"corrupt logits payload: {e}")
         if not torch.isfinite(decoded.values).all():
             return Ingested(flops=decoded.values.numel(), accepted=False,
                             detail="non-finite logits quarantined")
         tensors = payload_tensors(decoded, sent.proxy)
+        if sent.logits is not None:  # both transfers: the weight path's checks, then both
+            ing = self._ingest_delta(client, sent, extra=tensors)
+            return replace(ing, flops=ing.flops + 2.0 * decoded.values.numel())
         result = ClientResult(
             client=client, delta=tensors, num_samples=sent.num_samples, quality=sent.quality,
             heterogeneity={m: v[client] for m, v in self.heterogeneity.items()},
@@ -432,6 +453,12 @@ class LoraWorkload(Workload):
         assert sent is not None, "a real upload carries its payload"
         if self.distilling:
             return self._ingest_logits(client, sent)
+        return self._ingest_delta(client, sent)
+
+    def _ingest_delta(self, client: int, sent: Sent,
+                      extra: dict[str, torch.Tensor] | None = None) -> Ingested:
+        """Decode and check a LoRA update, and carry it (with ``extra``: the decoded logits of
+        an upload that carries both) into the server models."""
         try:
             delta = codecs.decode(sent.payload)
         except codecs.PayloadError as e:
@@ -450,14 +477,14 @@ class LoraWorkload(Workload):
             dataset_size=len(self.parts[client]), start=sent.start)
         # Server work: decode (a few operations per element) + checks, ~4 FLOPs per element,
         # then the transfer into the server model (the primary's, when a study has more).
-        carried, flops = self.servers.carry(sent.family, sent.start, delta)
+        carried, flops = self.servers.carry(sent.family, sent.start, {**delta, **(extra or {})})
         return Ingested(flops=4.0 * numel + flops, accepted=True, result=result, carried=carried)
 
     def aggregate(self, round_: int, arrivals: list[Arrival]) -> float:
         """Per family in LoRA space (the next download), then into every server model."""
         self._settle()
         flops = 0.0
-        for model, fam in (() if self.distilling else self.families.items()):  # logits only
+        for model, fam in (() if self.personal else self.families.items()):  # logits only
             results = [self._weighted(a) for a in arrivals if self.fleet.model[a.client] == model]
             if not results:
                 continue
@@ -492,7 +519,7 @@ class LoraWorkload(Workload):
         """
         families: dict[str, dict[str, float]] = {  # distillation: no family adapter moves
             model: fam.trainer.evaluate(fam.adapter, self.eval_examples)
-            for model, fam in self.families.items() if not self.distilling}
+            for model, fam in self.families.items() if not self.personal}
 
         def quality() -> dict[str, float]:
             out = self.evaluate_servers()
@@ -585,6 +612,8 @@ class LoraWorkload(Workload):
         assert sent is not None, "a real upload carries its payload"
         doc["sent"] = {"family": sent.family, "num_samples": sent.num_samples,
                        "quality": sent.quality, "proxy": list(sent.proxy),
+                       "logits": None if sent.logits is None
+                       else base64.b64encode(sent.logits.data).decode("ascii"),
                        "payload": base64.b64encode(sent.payload.data).decode("ascii")}
         return doc, {f"{key}/start/{k}": v.detach().clone() for k, v in sent.start.items()}
 
@@ -592,7 +621,9 @@ class LoraWorkload(Workload):
         s = doc["sent"]
         sent = Sent(s["family"], s["num_samples"], s["quality"],
                     codecs.Payload(base64.b64decode(s["payload"])),
-                    _taker(tensors)(f"{key}/start"), tuple(s.get("proxy", ())))
+                    _taker(tensors)(f"{key}/start"), tuple(s.get("proxy", ())),
+                    None if s.get("logits") is None
+                    else codecs.Payload(base64.b64decode(s["logits"])))
         return Upload(**{k: v for k, v in doc.items() if k != "sent"}, sent=sent)
 
     def close(self) -> None:

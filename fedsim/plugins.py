@@ -406,6 +406,16 @@ class DistillationTransferConfig(TransferConfig):
     mutual: bool = False
     client_steps: int = Field(default=2, ge=1)
     client_lr: PositiveFloat = 1e-3
+    # Both transfers at once: each upload also carries the client's LoRA update (encoded by
+    # ``compression``), family adapters are averaged as on the weight path, and the server
+    # merges the ``projector``-projected updates before it distils the round's logits.
+    weights: bool = False
+    projector: Annotated[PROJECTORS.union(), Field(default_factory=LstsqProjectorConfig)]
+
+    @field_validator("projector", mode="before")
+    @classmethod
+    def _bare_name(cls, v: Any) -> Any:
+        return _named(v)
 
 
 # --- round policies (fedsim.rounds) ---------------------------------------------------------

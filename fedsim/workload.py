@@ -63,6 +63,7 @@ class Sent:
     payload: Payload  # the bytes on the wire
     start: Adapter  # the adapter the client trained from (the server knows it: it sent it)
     proxy: tuple[int, ...] = ()  # distillation: the proxy batch the logits are of (positions)
+    logits: Payload | None = None  # both transfers: the logits beside the update's payload
 
 
 @dataclass(frozen=True)

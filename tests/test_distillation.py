@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedsim import codecs
 from fedsim import logits as topk
 from fedsim.cli import main
 from fedsim.data import Example
@@ -348,3 +349,25 @@ def test_an_out_of_domain_proxy_is_unlabelled_and_selective_takes_the_surest_tea
     with pytest.raises(Exception, match="classification only"):
         validate({**tiny_generation().model_dump(mode="json"),
                   "transfer": {"name": "distillation", "proxy": {"source": "rotten-tomatoes"}}})
+
+
+def test_both_transfers_at_once_send_the_update_and_the_logits(tmp_path):
+    sim = Simulation(tiny(weights=True, projector="lstsq"))
+    res = sim.run()
+    wl = sim.workload
+    rows = list(csv.DictReader((write_run_dir(res, tmp_path / "run") / "events.csv").open()))
+    enc = [r for r in rows if r["kind"] == "encode"]
+    logits_bytes = topk.size_bytes(8, 5, 5, 16, 8)
+    adapter_payload = wl.codec.size_bytes(codecs.shapes_of(wl.families["tiny-bert"].adapter))
+    # One upload: the LoRA update's payload (codec none) and the logits' beside it.
+    assert {int(r["bytes"]) for r in enc} == {adapter_payload + logits_bytes}
+    assert all(r["detail"].split(" ")[0].endswith("+topk-logits(k=5,vocab=5,bits=16)")
+               for r in enc)
+    # The weight path runs too: the family adapter moved (FedAvg), no personal adapters, and
+    # every round's download is the family adapter again.
+    assert wl.families["tiny-bert"].version == 2 and not wl._personal
+    downs = {int(r["bytes"]) for r in rows if r["kind"] == "downlink_end"}
+    assert downs == {wl.families["tiny-bert"].adapter_nbytes}
+    # The server merged projected task vectors (attention weights of its own) and distilled.
+    assert wl.servers.primary.model.families  # a projector per family
+    assert wl.servers.primary.model.merged_weights()
