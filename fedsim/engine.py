@@ -96,9 +96,12 @@ class Simulation:
         # What a client knows of its uplink when the adaptive codec picks its payload (the
         # other codecs do not ask): see fedsim.estimation.
         comp = scenario.compression
-        self.codec_knowledge = (ChannelKnowledge(comp.estimate, comp.estimate_error_db,
+        tr = scenario.transfer  # distillation's adaptive k asks for the rate too
+        knows = (comp if getattr(comp, "codec", None) == "adaptive" else
+                 tr.logits if tr.name == "distillation" and tr.logits.adaptive else None)
+        self.codec_knowledge = (ChannelKnowledge(knows.estimate, knows.estimate_error_db,
                                                  key(scenario.seed, "codec-estimate"))
-                                if getattr(comp, "codec", None) == "adaptive" else None)
+                                if knows is not None else None)
         self.energy = Energy(self.fleet, scenario.energy)
         n = self.fleet.size
         self.per_client = {k: np.zeros(n, dtype=np.int64) for k in

@@ -320,6 +320,11 @@ class TopKLogitsConfig(Config):
     value_bits: Literal[16, 8] = 16
     safety_margin: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.8
     time_budget_s: PositiveFloat | None = None  # upload time allowed without a deadline (s)
+    # The rate the adaptive k is chosen from (fedsim.estimation): the state now (exact, an
+    # oracle) or the previous block's with a log-normal error (realistic); an adaptive codec
+    # beside it (both transfers at once) sets it for both.
+    estimate: Literal["exact", "realistic"] = "realistic"
+    estimate_error_db: NonNegFloat = 2.0
 
     @field_validator("k", mode="before")
     @classmethod

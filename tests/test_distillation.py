@@ -371,3 +371,25 @@ def test_both_transfers_at_once_send_the_update_and_the_logits(tmp_path):
     # The server merged projected task vectors (attention weights of its own) and distilled.
     assert wl.servers.primary.model.families  # a projector per family
     assert wl.servers.primary.model.merged_weights()
+
+
+def test_the_adaptive_k_reads_the_channel_as_the_scenario_says():
+    def ks(estimate):
+        doc = tiny_generation(logits={"adaptive": True, "k_min": 2, "k_max": 4096,
+                                      "time_budget_s": 0.002, "estimate": estimate}
+                              ).model_dump(mode="json")
+        doc["network"] = {"channel": {"name": "pathloss", "fading": True,
+                                      "coherence_time_s": 0.01},
+                          "cells": [{"uplink_bandwidth_hz": 1.0e6}]}
+        doc["clients"] = [{"profile": "mobile", "count": 3, "model": "tiny-llama",
+                           "overrides": {"mean_off_s": 0}}]
+        sim = Simulation(validate(doc))
+        assert sim.codec_knowledge.estimate == estimate
+        rows = csv.DictReader(io.StringIO(sim.run().recorder.events_csv()))
+        return [int(r["detail"].split("k=")[1].split(",")[0]) for r in rows
+                if r["kind"] == "encode"]
+
+    exact, realistic = ks("exact"), ks("realistic")
+    assert len(exact) == len(realistic) == 6
+    assert len(set(exact)) > 1  # the channel differs per client and round, so does k
+    assert exact != realistic  # the previous block with an error is not the block itself
