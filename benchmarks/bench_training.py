@@ -1,6 +1,7 @@
 """Local training: fedsim's client job against a plain peft + torch loop; memory per client.
 
     python benchmarks/bench_training.py [--model minilm-l6] [--steps 10] [--clients 50]
+    python benchmarks/bench_training.py --device cuda   # + steps per second there vs the CPU
 
 1. Overhead: one client's ``plan`` + ``train`` through ``FamilyTrainer`` against a hand-written
    peft + torch loop on the same model, the same batches (same padded token ids) and the same
@@ -8,6 +9,8 @@
 2. Memory: peak RSS of a fresh process that trains 1 client vs one that trains ``--clients``
    clients (each its own partition, 2 steps), both through one shared ``FamilyTrainer``.
    Target: at most 1 GiB more (adapters, not models, per client).
+3. Device (``--device cuda``, ``cuda:N`` or ``auto``): LoRA steps per second of one client's job
+   on that device against this CPU, same plan, best of ``--repeats`` (after one warm-up job).
 """
 
 from __future__ import annotations
@@ -111,6 +114,39 @@ def memory(args: argparse.Namespace) -> None:
           f"{(out[args.clients] - out[1]) / gib:.3f} GiB (target <= 1 GiB)")
 
 
+def steps_per_s(model: str, steps: int, repeats: int, device: str) -> float:
+    """Best LoRA steps per second of a ``steps``-step job on ``device`` (one warm-up first)."""
+    from fedsim.data import load_dataset
+    from fedsim.training import FamilyTrainer, LocalTrainingConfig
+
+    examples = list(load_dataset("bbc-news", "classification").train[:200])
+    cfg = LocalTrainingConfig(local_steps=steps, batch_size=16, max_length=64, lr=1e-3,
+                              device=device)
+    trainer = FamilyTrainer(model, "classification", 5, cfg, seed=0)
+    plan = trainer.plan(examples, seed=0)
+    best = float("inf")
+    for rep in range(repeats + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer.train(trainer.initial_adapter(), examples, plan, seed=rep)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if rep:  # the first job warms the kernels up
+            best = min(best, time.perf_counter() - t0)
+    return steps / best
+
+
+def device_speed(args: argparse.Namespace) -> None:
+    from fedsim.accelerators import resolve
+
+    device = str(resolve(args.device, "--device"))
+    here = steps_per_s(args.model, args.steps, args.repeats, "cpu")
+    there = steps_per_s(args.model, args.steps, args.repeats, device)
+    print(f"LoRA steps/s, {args.model}, batch 16 x <=64 tokens: cpu {here:.2f}, {device} "
+          f"{there:.2f}, ratio {there / here:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm-l6")
@@ -118,7 +154,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--rss-child", type=int, default=None)
-    ap.add_argument("--only", choices=["overhead", "memory"], default=None)
+    ap.add_argument("--only", choices=["overhead", "memory", "device"], default=None)
+    ap.add_argument("--device", default=None, help="auto, cuda or cuda:N: steps/s vs the CPU")
     args = ap.parse_args()
     if args.rss_child is not None:
         rss_child(args.model, args.rss_child)
@@ -127,6 +164,8 @@ def main() -> None:
         overhead(args)
     if args.only in (None, "memory"):
         memory(args)
+    if args.device is not None and args.only in (None, "device"):
+        device_speed(args)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def client_logits(trainer: FamilyTrainer, adapter: Mapping[str, torch.Tensor],
 
     with torch_threads(trainer.cfg.threads):
         trainer.apply(dict(adapter))
-        return model_logits(trainer, examples)
+        z, lengths = model_logits(trainer, examples)
+        return z.cpu(), lengths
 
 
 def forward_flops(trainer: FamilyTrainer, examples: Sequence[Example]) -> float:
@@ -278,6 +279,7 @@ def kl_on_support(student_logits: torch.Tensor, teacher: Teacher, temperature: f
     """T²·mean over positions of KL(q ‖ p) on each position's support, p the student's
     softmax(z / T) renormalized there; positions with an empty support are left out."""
     t = teacher.normalized()
+    t = Teacher(t.ids.to(student_logits.device), t.probs.to(student_logits.device))
     valid = t.ids >= 0
     rows = valid.any(1)
     logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)

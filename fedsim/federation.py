@@ -38,6 +38,7 @@ import torch
 
 from fedsim import codecs
 from fedsim import logits as topk
+from fedsim.accelerators import resolve as resolve_device
 from fedsim.aggregators import ClientResult, global_norm, make_aggregator, make_lora_space
 from fedsim.attacks import attack
 from fedsim.data import TaskData, load_dataset, partition
@@ -85,7 +86,8 @@ def local_config(scenario: Scenario) -> LocalTrainingConfig:
         lora_r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
         target_roles=tuple(t.lora.target_roles), lr=t.lr, weight_decay=t.weight_decay,
         local_steps=t.local_steps, local_epochs=t.local_epochs, batch_size=t.batch_size,
-        max_length=t.max_length, threads=scenario.executor.threads_per_job)
+        max_length=t.max_length, threads=scenario.executor.threads_per_job,
+        device=str(resolve_device(scenario.executor.device)))
 
 
 def job_seed(seed: int, client: int, round_: int) -> int:
@@ -262,7 +264,8 @@ class LoraWorkload(Workload):
             **carrier.server_options(),
             probe_examples=probe if labelled and start_head is None else (),
             max_length=self.cfg.max_length, batch_size=self.cfg.batch_size,
-            dataset=self.task.name, zero_head=not sc.server.linear_probe)
+            dataset=self.task.name, zero_head=not sc.server.linear_probe,
+            device=self.cfg.device)
         if start_head is None:
             self._start_head = server.head_weights()
         else:

@@ -576,6 +576,10 @@ class ExecutorConfig(PluginConfig):
     registry = EXECUTORS
     name: str
     threads_per_job: int = Field(default=1, ge=1, le=256)
+    # Where training, encoding, projection fitting, distillation and evaluation run
+    # (fedsim.accelerators): auto (CUDA when torch sees one), cpu, cuda or cuda:N. The
+    # simulated timeline comes from modelled FLOPs, so it does not change with the device.
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     # Capabilities, asked instead of the executor's name: jobs run in other processes, so
     # this one may evaluate while they train; a sweep runs its points as this executor's tasks.
     shares_threads: ClassVar[bool] = False

@@ -44,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fedsim.accelerators import device_of, to_device
 from fedsim.atomic import atomic_file
 from fedsim.errors import FedsimError
 from fedsim.models import cache_dir
@@ -426,11 +427,11 @@ def capture(obj: ModelLike, texts: Sequence[str], names: Sequence[str], max_leng
     acts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keep(name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        acts[name] = (args[0].detach(), output.detach())
+        acts[name] = (args[0].detach().cpu(), output.detach().cpu())  # fitted on the CPU
 
     hooks = [modules[n].register_forward_hook(functools.partial(keep, n)) for n in set(names)]
     try:
-        runner(**inputs)
+        runner(**to_device(inputs, device_of(obj.model)))
     finally:
         for hook in hooks:
             hook.remove()

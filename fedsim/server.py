@@ -134,7 +134,7 @@ class ServerModel:
                  probe_examples: Sequence[Example] = (), max_length: int = 64,
                  batch_size: int = 16, dataset: str | None = None,
                  zero_head: bool = False, lora_r: int = 1, lora_alpha: float = 1.0,
-                 target_roles: Sequence[str] | None = None) -> None:
+                 target_roles: Sequence[str] | None = None, device: str = "cpu") -> None:
         arch = model_source(model_name).spec.architecture
         if arch not in ROLE_MODULES:
             raise FedsimError(f"server model {model_name!r}: no module role map for {arch!r}")
@@ -143,7 +143,7 @@ class ServerModel:
         roles = tuple(target_roles or (next(iter(ROLE_MODULES[arch])),))
         cfg = LocalTrainingConfig(lora_r=lora_r, lora_alpha=lora_alpha, target_roles=roles,
                                   max_length=max_length, batch_size=batch_size,
-                                  lora_dropout=0.0)
+                                  lora_dropout=0.0, device=device)
         self.model_name = model_name
         self.trainer = FamilyTrainer(model_name, task, num_labels, cfg, seed, dataset)
         self.model, self.tokenizer, self.spec = (self.trainer.model, self.trainer.tokenizer,
@@ -171,13 +171,13 @@ class ServerModel:
     # -- state --------------------------------------------------------------------------------
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The server's weights by key (detached views, not copies)."""
-        return {k: p.detach() for k, p in self._weights.items()}
+        """The server's weights by key (detached views on the CPU; copies from a GPU)."""
+        return {k: p.detach().cpu() for k, p in self._weights.items()}
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """The weights aggregation has changed so far (what a checkpoint must keep: the rest
         is the base model and the linear probe, rebuilt from the seed)."""
-        return {k: self._weights[k].detach() for k in sorted(self._merged)}
+        return {k: self._weights[k].detach().cpu() for k in sorted(self._merged)}
 
     def load_merged_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -211,7 +211,7 @@ class ServerModel:
         """The head's final layer (weight, bias) as it is now: copies."""
         if self.head is None:
             return {}
-        return {k: self._weights[k].detach().clone() for k in
+        return {k: self._weights[k].detach().cpu().clone() for k in
                 (self.head + ".weight", self.head + ".bias") if k in self._weights}
 
     def load_head(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -341,14 +341,14 @@ class ServerModel:
             dense.append(d)
             flops += f
         keys = sorted({k for d in dense for k in d})
-        dense = [{k: d[k] if k in d else torch.zeros_like(self._weights[k]) for k in keys}
+        dense = [{k: d[k] if k in d else torch.zeros(self._weights[k].shape) for k in keys}
                  for d in dense]
         results = [replace(r, delta=d) for r, d in zip(results, dense, strict=True)]
-        aggregator.set_reference({k: self._weights[k].detach() for k in keys})
+        aggregator.set_reference({k: self._weights[k].detach().cpu() for k in keys})
         step = aggregator.aggregate(round_, results, failures)
         with torch.no_grad():
             for key, value in step.items():
-                self._weights[key].add_(value.to(self._weights[key].dtype))
+                self._weights[key].add_(value.to(self._weights[key]))
         self._merged.update(step)
         self.adapter = self.trainer.current_adapter()
         numel = sum(self._weights[k].numel() for k in keys)

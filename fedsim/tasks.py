@@ -30,6 +30,7 @@ from peft import TaskType
 from rouge_score import rouge_scorer
 from sklearn.metrics import confusion_matrix, f1_score
 
+from fedsim.accelerators import to_device
 from fedsim.data import Example, TaskData
 from fedsim.errors import FedsimError
 from fedsim.plugins import DATASETS, TASKS
@@ -325,11 +326,11 @@ class Generation(Task):
         for i in range(0, len(examples), cfg.batch_size):
             prompts = [Row(tuple(self.prompt_ids(tok, e.text, room)), None, None)
                        for e in examples[i:i + cfg.batch_size]]
-            batch = collate(prompts, tok.pad_token_id, left=True)  # left: new tokens line up
+            batch = to_device(collate(prompts, tok.pad_token_id, left=True), trainer.device)
             ids = trainer.model.generate(**batch, max_new_tokens=cfg.max_new_tokens,
                                          do_sample=False, pad_token_id=tok.pad_token_id,
                                          eos_token_id=tok.eos_token_id)
-            new = ids[:, batch["input_ids"].shape[1]:]
+            new = ids[:, batch["input_ids"].shape[1]:].cpu()  # left padding: new tokens line up
             outputs += [t.strip().split("\n")[0].strip()
                         for t in tok.batch_decode(new, skip_special_tokens=True)]
         return outputs

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 
+from fedsim.accelerators import to_device
 from fedsim.data import Example
 from fedsim.errors import FedsimError
 from fedsim.models import load_model, non_embedding_parameters
@@ -137,6 +138,7 @@ class LocalTrainingConfig:
     # torch threads of a job: a float sum's order depends on the thread count, so a fixed one
     # gives bit-identical deltas wherever the job runs (scenario.executor.threads_per_job).
     threads: int = 1
+    device: str = "cpu"  # a resolved torch device (fedsim.accelerators.resolve)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_roles", tuple(self.target_roles))
@@ -231,10 +233,12 @@ class FamilyTrainer:
             # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`: not ours.
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
             self.model = get_peft_model(base, self._lora_config())
+        self.device = torch.device(cfg.device)
+        self.model.to(self.device)  # the frozen base stays resident there between jobs
         self.model.eval()
         self._params = {self._key(n): p for n, p in self.model.named_parameters()
                         if p.requires_grad}
-        self._initial = {k: p.detach().clone() for k, p in self._params.items()}
+        self._initial = {k: p.detach().cpu().clone() for k, p in self._params.items()}
         self.total_params = sum(p.numel() for p in self.model.parameters())
         self.trainable_params = sum(p.numel() for p in self._params.values())
         self._cache: dict[Example, tuple[Row, ...]] = {}  # training encodings, by value
@@ -268,7 +272,7 @@ class FamilyTrainer:
 
     def current_adapter(self) -> dict[str, torch.Tensor]:
         """The model's trainable state now, detached fp32 copies."""
-        return {k: p.detach().to(torch.float32, copy=True) for k, p in self._params.items()}
+        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self._params.items()}
 
     # -- tokenization -----------------------------------------------------------------------
 
@@ -364,8 +368,9 @@ class FamilyTrainer:
 
     def inputs(self, examples: Sequence[Example]) -> tuple[Batch, torch.Tensor]:
         """Model inputs and targets (class index per example, or LM labels per token)."""
-        return self.task.collate(examples, [self._encode(e) for e in examples],
-                                 self.tokenizer.pad_token_id)
+        batch, targets = self.task.collate(examples, [self._encode(e) for e in examples],
+                                           self.tokenizer.pad_token_id)
+        return to_device(batch, self.device), targets.to(self.device)
 
     def _loss(self, examples: Sequence[Example]) -> torch.Tensor:
         """The task's mean cross-entropy: over examples (class or choice), or target tokens."""
@@ -413,7 +418,7 @@ class FamilyTrainer:
             loss_after = self._mean_loss(held_out)
         else:
             loss_before, loss_after = losses[0], losses[-1]
-        delta = {k: (p.detach().float() - adapter[k].float()).cpu()
+        delta = {k: p.detach().float().cpu() - adapter[k].float()
                  for k, p in self._params.items()}
         delta_norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())))
         return TrainResult(delta, plan.tokens, plan.flops, plan.peak_memory_bytes,
