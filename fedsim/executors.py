@@ -22,6 +22,7 @@ update. Never a hang.
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 import os
 import resource
@@ -322,21 +323,35 @@ class _RayJob(_RetriedJob):
 
 
 @EXECUTORS.register("ray")
+def gpu_share(cfg: ExecutorConfig) -> float:
+    """The GPUs one Ray actor requests: 1/workers_per_gpu on a CUDA device, else 0."""
+    from fedsim.accelerators import resolve
+
+    if resolve(cfg.device).type != "cuda":
+        return 0.0
+    return 1.0 / getattr(cfg, "workers_per_gpu", 1)
+
+
 class RayExecutor(Executor):
-    """``workers`` Ray actors (``threads_per_job`` CPUs each), on the cluster at ``address``
-    or on a local Ray started here. Each job goes to the actor with the fewest in flight."""
+    """``workers`` Ray actors (``threads_per_job`` CPUs each, and a ``gpu_share`` of a GPU
+    when ``device`` is one: several small-model actors share it), on the cluster at
+    ``address`` or on a local Ray started here. Each job goes to the actor with the fewest in
+    flight."""
 
     def __init__(self, cfg: ExecutorConfig) -> None:
         super().__init__(cfg)
         self.ray = ray = import_ray()
         self._owns_ray = not ray.is_initialized()
+        share = gpu_share(cfg)
         if self._owns_ray:
             ray.init(address=cfg.address,
                      num_cpus=None if cfg.address else cfg.workers * cfg.threads_per_job,
-                     include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+                     num_gpus=None if cfg.address or not share else
+                     math.ceil(cfg.workers * share), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
         self.threads = cfg.threads_per_job
-        self._actor_class = ray.remote(num_cpus=self.threads, max_restarts=0)(RayWorker)
+        self._actor_class = ray.remote(num_cpus=self.threads, num_gpus=share,
+                                       max_restarts=0)(RayWorker)
         self.actors: list[Any] = [None] * cfg.workers
         self.in_flight = [0] * cfg.workers
 

@@ -614,6 +614,8 @@ class RayExecutorConfig(_PoolConfig):
     name: Literal["ray"] = "ray"
     runs_sweep_points: ClassVar[bool] = True
     address: str | None = None
+    # On a GPU (executor.device), actors share it: each requests 1/workers_per_gpu of one.
+    workers_per_gpu: int = Field(default=1, ge=1, le=64)
 
 
 # --- attacks (fedsim.attacks) ---------------------------------------------------------------

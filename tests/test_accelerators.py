@@ -45,3 +45,14 @@ def test_to_device_moves_tensors_and_leaves_the_rest():
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "logits_to_keep": 4}
     moved = to_device(batch, torch.device("cpu"))
     assert moved["logits_to_keep"] == 4 and moved["input_ids"] is batch["input_ids"]
+
+
+def test_ray_actors_share_a_gpu_only_when_the_device_is_one(monkeypatch):
+    from fedsim import accelerators
+    from fedsim.executors import gpu_share
+    from fedsim.plugins import EXECUTORS
+
+    cfg = EXECUTORS.parse({"name": "ray", "workers": 4, "workers_per_gpu": 4, "device": "cpu"})
+    assert gpu_share(cfg) == 0.0
+    monkeypatch.setattr(accelerators, "resolve", lambda spec, key="": torch.device("cuda:0"))
+    assert gpu_share(cfg) == 0.25
