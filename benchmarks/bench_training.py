@@ -11,6 +11,8 @@
    Target: at most 1 GiB more (adapters, not models, per client).
 3. Device (``--device cuda``, ``cuda:N`` or ``auto``): LoRA steps per second of one client's job
    on that device against this CPU, same plan, best of ``--repeats`` (after one warm-up job).
+4. Precision: the same job's steps per second in bf16 (``training.precision``) against fp32,
+   on ``--device`` (default the CPU).
 """
 
 from __future__ import annotations
@@ -114,14 +116,15 @@ def memory(args: argparse.Namespace) -> None:
           f"{(out[args.clients] - out[1]) / gib:.3f} GiB (target <= 1 GiB)")
 
 
-def steps_per_s(model: str, steps: int, repeats: int, device: str) -> float:
+def steps_per_s(model: str, steps: int, repeats: int, device: str,
+                precision: str = "fp32") -> float:
     """Best LoRA steps per second of a ``steps``-step job on ``device`` (one warm-up first)."""
     from fedsim.data import load_dataset
     from fedsim.training import FamilyTrainer, LocalTrainingConfig
 
     examples = list(load_dataset("bbc-news", "classification").train[:200])
     cfg = LocalTrainingConfig(local_steps=steps, batch_size=16, max_length=64, lr=1e-3,
-                              device=device)
+                              device=device, precision=precision)
     trainer = FamilyTrainer(model, "classification", 5, cfg, seed=0)
     plan = trainer.plan(examples, seed=0)
     best = float("inf")
@@ -147,6 +150,16 @@ def device_speed(args: argparse.Namespace) -> None:
           f"{there:.2f}, ratio {there / here:.2f}")
 
 
+def precision_speed(args: argparse.Namespace) -> None:
+    from fedsim.accelerators import resolve
+
+    device = str(resolve(args.device or "cpu", "--device"))
+    fp32 = steps_per_s(args.model, args.steps, args.repeats, device)
+    bf16 = steps_per_s(args.model, args.steps, args.repeats, device, "bf16")
+    print(f"LoRA steps/s on {device}, {args.model}: fp32 {fp32:.2f}, bf16 {bf16:.2f}, "
+          f"ratio {bf16 / fp32:.2f} (training.precision: bf16)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm-l6")
@@ -154,7 +167,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--rss-child", type=int, default=None)
-    ap.add_argument("--only", choices=["overhead", "memory", "device"], default=None)
+    ap.add_argument("--only", choices=["overhead", "memory", "device", "precision"], default=None)
     ap.add_argument("--device", default=None, help="auto, cuda or cuda:N: steps/s vs the CPU")
     args = ap.parse_args()
     if args.rss_child is not None:
@@ -166,6 +179,8 @@ def main() -> None:
         memory(args)
     if args.device is not None and args.only in (None, "device"):
         device_speed(args)
+    if args.only in (None, "precision"):
+        precision_speed(args)
 
 
 if __name__ == "__main__":

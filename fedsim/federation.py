@@ -87,7 +87,7 @@ def local_config(scenario: Scenario) -> LocalTrainingConfig:
         target_roles=tuple(t.lora.target_roles), lr=t.lr, weight_decay=t.weight_decay,
         local_steps=t.local_steps, local_epochs=t.local_epochs, batch_size=t.batch_size,
         max_length=t.max_length, threads=scenario.executor.threads_per_job,
-        device=str(resolve_device(scenario.executor.device)))
+        device=str(resolve_device(scenario.executor.device)), precision=t.precision)
 
 
 def job_seed(seed: int, client: int, round_: int) -> int:

@@ -281,6 +281,11 @@ class TrainingConfig(Config):
     # mean loss measured before and after each job (two forward passes, in the job's FLOPs).
     # 0: no split; the first and last step losses stand in (other examples: a noisy proxy).
     validation_examples: int = Field(default=8, ge=0, le=100_000)
+    # The arithmetic of the training steps: fp32, or bf16 under torch.autocast (CPU AMX or a
+    # GPU's tensor cores; weights, optimizer and adapters stay fp32). Results differ from fp32
+    # within bf16's precision and are deterministic in their own right; the modelled FLOPs,
+    # and so the simulated timeline, do not change. Evaluation stays fp32.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     @model_validator(mode="before")
     @classmethod

@@ -139,6 +139,7 @@ class LocalTrainingConfig:
     # gives bit-identical deltas wherever the job runs (scenario.executor.threads_per_job).
     threads: int = 1
     device: str = "cpu"  # a resolved torch device (fedsim.accelerators.resolve)
+    precision: str = "fp32"  # of the training steps: fp32, or bf16 under autocast
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_roles", tuple(self.target_roles))
@@ -154,6 +155,8 @@ class LocalTrainingConfig:
             raise FedsimError(f"local_epochs must be >= 1, got {self.local_epochs}")
         if self.weight_decay < 0:
             raise FedsimError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.precision not in ("fp32", "bf16"):
+            raise FedsimError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.max_length < 8:
             raise FedsimError(f"max_length must be >= 8, got {self.max_length}")
         if not self.target_roles or set(self.target_roles) - set(ROLES):
@@ -407,7 +410,9 @@ class FamilyTrainer:
             self.model.train()
             try:
                 for batch in plan.batches:
-                    loss = self._loss([examples[i] for i in batch])
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                        enabled=self.cfg.precision == "bf16"):
+                        loss = self._loss([examples[i] for i in batch])
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
