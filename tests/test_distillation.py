@@ -274,11 +274,14 @@ def test_mutual_transfer_sends_the_server_logits_down_and_the_clients_distil(tmp
     assert all(flops[c] > plain_flops[c] for c in flops)
 
 
-def test_a_distillation_run_resumes_identically(tmp_path):
+@pytest.mark.parametrize("transfer", [{"mutual": True}, {"weights": True, "projector": "pad"}],
+                         ids=["mutual", "both"])
+def test_a_distillation_run_resumes_identically(tmp_path, transfer):
     from test_checkpoint import _resume_from_each
 
-    sc = tiny(mutual=True).model_copy(update={"rounds": 3})
-    sc = validate({**sc.model_dump(mode="json"), "output": {"checkpoint_every": 1}})
+    sc = tiny(**transfer)
+    sc = validate({**sc.model_dump(mode="json"), "rounds": 3,
+                   "output": {"checkpoint_every": 1}})
     assert _resume_from_each(sc, tmp_path) == 2
 
 
