@@ -322,7 +322,6 @@ class _RayJob(_RetriedJob):
             self.executor.ray.cancel(self.ref)
 
 
-@EXECUTORS.register("ray")
 def gpu_share(cfg: ExecutorConfig) -> float:
     """The GPUs one Ray actor requests: 1/workers_per_gpu on a CUDA device, else 0."""
     from fedsim.accelerators import resolve
@@ -332,6 +331,7 @@ def gpu_share(cfg: ExecutorConfig) -> float:
     return 1.0 / getattr(cfg, "workers_per_gpu", 1)
 
 
+@EXECUTORS.register("ray")
 class RayExecutor(Executor):
     """``workers`` Ray actors (``threads_per_job`` CPUs each, and a ``gpu_share`` of a GPU
     when ``device`` is one: several small-model actors share it), on the cluster at
