@@ -117,7 +117,7 @@ def model_logits(trainer: FamilyTrainer, examples: Sequence[Example]) -> tuple[t
     positions of each example (1 for a choosing task; its target tokens for a causal LM).
     Batches of ``batch_size``, with gradients where the caller enables them."""
     rows, lengths = [], []
-    # An unlabelled text gets a placeholder class: collation wants one, the logits ignore it.
+    # An unlabelled text gets class 0 for collation only: the logits do not depend on it.
     examples = [e if e.label is not None or e.target is not None or e.choices
                 else replace(e, label=0) for e in examples]
     for i in range(0, len(examples), trainer.cfg.batch_size):
@@ -484,13 +484,6 @@ def references(server: ServerModel, examples: Sequence[Example]) -> torch.Tensor
     if any(e.label is None for e in examples):
         return None
     return torch.tensor([int(e.label) for e in examples])  # type: ignore[arg-type]
-
-
-def teacher_of_payload(transfer: DistillationTransfer, server: ServerModel, family: str,
-                       decoded: topk.TopKLogits, proxy: Sequence[int]) -> Teacher:
-    """One client's decoded payload as the server's teacher (tests and notebooks)."""
-    carried, _ = transfer.carry(server, family, {}, payload_tensors(decoded, proxy))
-    return Teacher(carried[TEACHER + "ids"], carried[TEACHER + "probs"])
 
 
 def payload_tensors(decoded: topk.TopKLogits, proxy: Sequence[int]) -> dict[str, torch.Tensor]:
