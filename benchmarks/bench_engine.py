@@ -1,6 +1,7 @@
 """Engine throughput: network-only, 10,000 clients x 10 rounds, against a bare SimPy loop.
 
     python benchmarks/bench_engine.py [--clients 10000] [--rounds 10] [--wireless]
+    python benchmarks/bench_engine.py --scaling [--sizes 1000,10000,100000] [--rounds 2]
 
 Prints simulated client-rounds per wall second, recorded events and SimPy events per second,
 and the same number of SimPy events pushed through a bare loop of timeouts in this process,
@@ -8,11 +9,18 @@ as a ratio (target: >= 0.3 of bare SimPy's event rate; 10k x 10 in < 60 s on 2 c
 ``--wireless`` then runs the same world with inter-cell interference (reuse 1), with
 pedestrian mobility (random waypoint, handover) and with both, and prints each one's
 client-rounds per second beside the plain run's (issue 17: the options cost only when on).
+``--scaling`` runs each size in a fresh process of its own (so that each one's peak RSS is its
+own) and prints clients, wall s, client-rounds/s, microseconds per client-round and its ratio to
+the smallest size's (flat cost: 1.0), SimPy events per client-round and peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,16 +73,55 @@ def wireless(sizes: list[str], plain_rate: float) -> None:
               f"{s['overload']['deadline_misses']:>15}")
 
 
+def sizes_for(clients: int, rounds: int) -> list[str]:
+    """``--set`` values scaling network-only's three groups (70/25/5 %) to ``clients``."""
+    scale = clients / 10_000
+    return [f"rounds={rounds}", f"clients.0.count={round(7000 * scale)}",
+            f"clients.1.count={round(2500 * scale)}", f"clients.2.count={round(500 * scale)}"]
+
+
+def one(clients: int, rounds: int) -> None:
+    """One size, in this process: a JSON line of its figures (the --scaling parent reads it)."""
+    wall, s = timed(load(ROOT / "scenarios/network-only.yaml", sizes_for(clients, rounds)))
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps({"clients": clients, "wall_s": wall, "updates": s["counts"]["updates_started"],
+                      "sim_events": s["counts"]["sim_events"], "peak_rss_mib": peak_mib}))
+
+
+def scaling(sizes: list[int], rounds: int) -> None:
+    print(f"network-only scaling, {rounds} round(s), 10 cells; each size in its own process")
+    print("   clients     wall s   client-rounds/s   us / client-round   vs smallest"
+          "   SimPy ev / c-r   peak RSS MiB")
+    base = None
+    for n in sizes:
+        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--rounds", str(rounds)],
+                             check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        us = 1e6 * r["wall_s"] / r["updates"]
+        base = base or us
+        print(f"{n:10d} {r['wall_s']:10.2f} {r['updates'] / r['wall_s']:17.0f} {us:19.1f} "
+              f"{us / base:13.2f} {r['sim_events'] / r['updates']:16.1f} "
+              f"{r['peak_rss_mib']:14.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=10_000)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=None, help="10 (2 with --scaling)")
     ap.add_argument("--wireless", action="store_true",
                     help="also time interference, mobility and both against the plain run")
+    ap.add_argument("--scaling", action="store_true",
+                    help="a scaling table over --sizes, each size in a fresh process")
+    ap.add_argument("--sizes", default="1000,10000,100000",
+                    help="clients per --scaling row, comma-separated")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a --scaling child
     args = ap.parse_args()
-    scale = args.clients / 10_000
-    sizes = [f"rounds={args.rounds}", f"clients.0.count={round(7000 * scale)}",
-             f"clients.1.count={round(2500 * scale)}", f"clients.2.count={round(500 * scale)}"]
+    if args.one is not None:
+        return one(args.one, args.rounds or 2)
+    if args.scaling:
+        return scaling([int(x) for x in args.sizes.split(",")], args.rounds or 2)
+    args.rounds = args.rounds or 10
+    sizes = sizes_for(args.clients, args.rounds)
     sc = load(ROOT / "scenarios/network-only.yaml", sizes)
     wall, s = timed(sc)
     n_sim = s["counts"]["sim_events"]

@@ -95,6 +95,17 @@ class Channel(ABC):
         """Rate (bits/s) of each of ``clients``, all active together in ``cell`` at ``t``."""
         return self.shared_rates(cell, direction, self.flow_state(direction, clients, t))
 
+    def separable_band_hz(self, cell: int, direction: str) -> float | None:
+        """The band B when each flow's rate among K is (B / K) x a spectral efficiency of
+        its own state alone (:meth:`efficiency`), else None. A link then keeps the
+        efficiencies beside the states and a change of K costs one multiply per flow instead
+        of a logarithm (ofdma uplinks are not: their SNR per Hz grows with K)."""
+        return None
+
+    def efficiency(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
+        """Bits/s/Hz of each flow of ``state`` (0 in outage), where separable."""
+        raise NotImplementedError
+
     def next_change_s(self, t: float) -> float:
         """Next time after ``t`` at which rates change by themselves (fading, trace step)."""
         return math.inf
@@ -229,6 +240,19 @@ class PathlossChannel(Channel):
         snr = state * k if c.sharing == "ofdma" and direction == UPLINK else state
         return 0.0 if snr < self._outage_lin else (bw / k) * math.log2(1.0 + snr)
 
+    def separable_band_hz(self, cell: int, direction: str) -> float | None:
+        c = self.cells[cell]
+        if direction == DOWNLINK:  # the SNR per Hz stays whatever K is
+            return c.downlink_bandwidth_hz
+        # tdma uplink: full band 1/K of the time; the co-channel I/N would change underneath
+        return c.uplink_bandwidth_hz if c.sharing == "tdma" and self.interference is None \
+            else None
+
+    def efficiency(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
+        eff = np.log2(1.0 + state)  # the expression of shared_rates: the same bits
+        eff[state < self._outage_lin] = 0.0
+        return eff
+
     def shared_rates(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
         c = self.cells[cell]
         k = max(len(state), 1)
@@ -316,15 +340,22 @@ class SharedLink:
 
     ``transfer`` returns a SimPy event that succeeds with ``True`` when the bytes have crossed,
     or ``False`` if the flow is in outage with no change of channel to come.
+
+    Flows sit in the first ``k`` slots of columns with spare capacity; a flow that ends gives
+    its slot to the last one (O(1), not a copy of every column), and its join number keeps
+    the order in which flows that end at one instant are told (the order they joined in).
     """
 
     def __init__(self, env: Clock, channel: Channel, cell: int, direction: str):
         self.env, self.channel, self.cell, self.direction = env, channel, cell, direction
-        # Flow columns in arrays with spare capacity (doubled when full), the first k in use:
-        # a join writes one slot instead of reallocating every column.
         self._k = 0
         self._ids = np.empty(16, dtype=np.int64)
-        self._cols = np.empty((3, 16))  # remaining bits, rate (bits/s), channel state
+        self._seq = np.empty(16, dtype=np.int64)  # join number of each slot's flow
+        self._cols = np.empty((5, 16))  # remaining bits, rate (bits/s), channel state,
+        # spectral efficiency (separable channels), scratch
+        self._slot: dict[int, int] = {}  # client -> its slot
+        self._joins = 0
+        self._band_hz: float | None = None  # set while flows are active (separable_band_hz)
         self._state_until = math.inf  # the states are valid until then
         self.events: dict[int, tuple[simpy.Event, float]] = {}  # client -> (done, bits)
         self.busy_s = 0.0  # time with at least one active flow
@@ -345,22 +376,27 @@ class SharedLink:
     def active(self) -> int:
         return self._k
 
+    def _order(self) -> np.ndarray:
+        """The active slots in the order their flows joined."""
+        return np.argsort(self._seq[: self._k], kind="stable")
+
     @property
     def clients(self) -> np.ndarray:
-        return self._ids[: self._k]
+        """The active flows' clients, in the order they joined."""
+        return self._ids[: self._k][self._order()]
 
     @property
     def remaining_bits(self) -> np.ndarray:
-        return self._cols[0, : self._k]
+        return self._cols[0, : self._k][self._order()]
 
     @property
     def rates(self) -> np.ndarray:
-        return self._cols[1, : self._k]
+        return self._cols[1, : self._k][self._order()]
 
     @property
     def flow_states(self) -> np.ndarray:
-        """Each active flow's channel state (see ``Channel.flow_state``)."""
-        return self._cols[2, : self._k]
+        """Each active flow's channel state (see ``Channel.flow_state``), in join order."""
+        return self._cols[2, : self._k][self._order()]
 
     def transfer(self, client: int, nbytes: int, tag: Tag = NOOP) -> simpy.Event:
         done = self.env.event()
@@ -370,12 +406,19 @@ class SharedLink:
         now, k = self.env.now, self._k
         if not k:
             self._state_until = self.channel.next_change_s(now)
+            self._band_hz = self.channel.separable_band_hz(self.cell, self.direction)
         if k == len(self._ids):
             self._ids = np.concatenate([self._ids, np.empty_like(self._ids)])
+            self._seq = np.concatenate([self._seq, np.empty_like(self._seq)])
             self._cols = np.concatenate([self._cols, np.empty_like(self._cols)], axis=1)
-        self._ids[k] = client
+        self._ids[k], self._seq[k] = client, self._joins
+        self._joins += 1
+        self._slot[client] = k
         state = self.channel.flow_state_one(self.direction, client, now)
-        self._cols[:, k] = (8.0 * nbytes, 0.0, state)
+        self._cols[:3, k] = (8.0 * nbytes, 0.0, state)
+        if self._band_hz is not None:
+            self._cols[3, k:k + 1] = self.channel.efficiency(self.cell, self.direction,
+                                                             self._cols[2, k:k + 1])
         self._k = k + 1
         self._flows_changed = True
         self.events[client] = (done, 8.0 * nbytes)
@@ -387,10 +430,10 @@ class SharedLink:
         if client not in self.events:
             return
         self._advance()
-        keep = self.clients != client
         _, bits = self.events.pop(client)
-        self.bits_carried += bits - float(self.remaining_bits[~keep].sum())
-        self._compress(keep)
+        slot = self._slot[client]
+        self.bits_carried += bits - float(self._cols[0, slot])
+        self._remove([slot])
         self._flows_changed = True
         self._changed()
 
@@ -416,23 +459,39 @@ class SharedLink:
 
     def _advance(self) -> None:
         dt = self.env.now - self._t
-        if dt > 0 and self._k and not self.outage:
-            self.remaining_bits[:] -= self.rates * dt
+        k = self._k
+        if dt > 0 and k and not self.outage:
+            rem, rate, tmp = self._cols[0, :k], self._cols[1, :k], self._cols[4, :k]
+            np.multiply(rate, dt, out=tmp)  # bits sent since the last advance
+            np.subtract(rem, tmp, out=rem)
             self.busy_s += dt
         self._t = self.env.now
 
-    def _compress(self, keep: np.ndarray) -> None:
-        k = int(keep.sum())
-        self._ids[:k] = self.clients[keep]
-        self._cols[:, :k] = self._cols[:, : self._k][:, keep]
-        self._k = k
+    def _remove(self, slots: list[int]) -> None:
+        """Free ``slots``: the last active flow moves into each (highest slot first)."""
+        ids, seq, cols = self._ids, self._seq, self._cols
+        for slot in sorted(slots, reverse=True):
+            del self._slot[int(ids[slot])]
+            last = self._k - 1
+            if slot != last:
+                moved = int(ids[last])
+                ids[slot], seq[slot] = moved, seq[last]
+                cols[:4, slot] = cols[:4, last]
+                self._slot[moved] = slot
+            self._k = last
 
     def _end(self, mask: np.ndarray, ok: bool) -> None:
-        """Remove the flows in ``mask`` and tell their clients (``ok``: all bits crossed)."""
-        ended = self.clients[mask]
-        self._compress(~mask)
-        self._flows_changed = self._flows_changed or bool(len(ended))
-        for c in ended.tolist():
+        """Remove the flows in ``mask`` and tell their clients (``ok``: all bits crossed), in
+        the order they joined."""
+        slots = np.flatnonzero(mask)
+        if not len(slots):
+            return
+        if len(slots) > 1:
+            slots = slots[np.argsort(self._seq[slots], kind="stable")]
+        ended = self._ids[slots].tolist()
+        self._remove(slots.tolist())
+        self._flows_changed = True
+        for c in ended:
             done, bits = self.events.pop(c)
             if ok:
                 self.bits_carried += bits
@@ -457,26 +516,40 @@ class SharedLink:
 
     def _finish(self) -> None:
         """Complete finished flows, recompute the rates, schedule the next wake-up."""
+        k = self._k
+        rem, rate, tmp = self._cols[0, :k], self._cols[1, :k], self._cols[4, :k]
         # Finished: less than a bit, or less than a nanosecond at its rate, left (round-off).
-        done = self.remaining_bits <= self.rates * 1e-9 + _DONE_BITS
+        np.multiply(rate, 1e-9, out=tmp)
+        np.add(tmp, _DONE_BITS, out=tmp)
+        done = rem <= tmp
         if done.any():
             self._end(done, ok=True)
         self._notify()
-        if not self._k:
+        k = self._k
+        if not k:
             return
+        rem, rate, state, tmp = (self._cols[0, :k], self._cols[1, :k], self._cols[2, :k],
+                                 self._cols[4, :k])
         if self.outage:  # stalled until set_outage(False) recomputes
-            self.rates[:] = 0.0
+            rate[:] = 0.0
             return
         now = self.env.now
+        ids = self._ids[:k]
         if now >= self._state_until:  # fading block or trace step changed: every flow's state
-            self.flow_states[:] = self.channel.flow_state(self.direction, self.clients, now)
+            state[:] = self.channel.flow_state(self.direction, ids, now)
             self._state_until = self.channel.next_change_s(now)
-        self.rates[:] = self.channel.shared_rates(self.cell, self.direction, self.flow_states)
+            if self._band_hz is not None:
+                self._cols[3, :k] = self.channel.efficiency(self.cell, self.direction, state)
+        if self._band_hz is not None:  # (B / K) x each flow's bits/s/Hz, as shared_rates has it
+            np.multiply(self._band_hz / k, self._cols[3, :k], out=rate)
+        else:
+            rate[:] = self.channel.shared_rates(self.cell, self.direction, state)
         change_at = self._state_until
-        finish_in = self.remaining_bits / np.maximum(self.rates, _NO_RATE)
-        first = float(finish_in.min())
+        np.maximum(rate, _NO_RATE, out=tmp)
+        np.divide(rem, tmp, out=tmp)  # each flow's time to finish at these rates (s)
+        first = float(tmp.min())
         if first >= _NEVER_S and math.isinf(change_at):
-            self._end(self.rates <= 0, ok=False)  # outage that nothing will lift
+            self._end(rate <= 0, ok=False)  # outage that nothing will lift
             self._notify()
             return
         wake_at = now + min(first, change_at - now)
@@ -512,11 +585,14 @@ class SharedLink:
                 "_flush_pending", "contenders")
 
     def state(self) -> dict[str, Any]:
-        """The link and its active flows (remaining bits, rate, channel state, size)."""
+        """The link and its active flows (remaining bits, rate, channel state, size), in the
+        order they joined."""
+        order = self._order()
+        ids = self._ids[: self._k][order].tolist()
         return {**{k: getattr(self, k) for k in self._SCALARS},
                 "flows_changed": self._flows_changed,
-                "ids": self.clients.tolist(), "cols": self._cols[:, : self._k].tolist(),
-                "bits": [self.events[c][1] for c in self.clients.tolist()]}
+                "ids": ids, "cols": self._cols[:3, : self._k][:, order].tolist(),
+                "bits": [self.events[c][1] for c in ids]}
 
     def restore(self, doc: dict[str, Any]) -> None:
         """Take :meth:`state`'s document; each restored flow gets a new done event, which the
@@ -526,10 +602,17 @@ class SharedLink:
         self._flows_changed = doc.get("flows_changed", False)
         k = len(doc["ids"])
         cap = max(16, k)
-        self._ids, self._cols = np.empty(cap, dtype=np.int64), np.empty((3, cap))
-        self._ids[:k] = doc["ids"]
+        self._ids, self._cols = np.empty(cap, dtype=np.int64), np.empty((5, cap))
+        self._seq = np.empty(cap, dtype=np.int64)
+        self._ids[:k], self._seq[:k] = doc["ids"], np.arange(k)
+        self._joins = k
+        self._slot = {int(c): i for i, c in enumerate(doc["ids"])}
+        self._band_hz = self.channel.separable_band_hz(self.cell, self.direction)
         if k:
-            self._cols[:, :k] = np.array(doc["cols"], dtype=float)
+            self._cols[:3, :k] = np.array(doc["cols"], dtype=float)
+            if self._band_hz is not None:
+                self._cols[3, :k] = self.channel.efficiency(self.cell, self.direction,
+                                                            self._cols[2, :k])
         self._k = k
         self.events = {int(c): (self.env.event(), float(b))
                        for c, b in zip(doc["ids"], doc["bits"], strict=True)}

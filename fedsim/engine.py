@@ -119,12 +119,15 @@ class Simulation:
 
     # --- the life of one update -------------------------------------------------------------
 
-    def schedule_dropout(self, tk: Ticket, proc: simpy.Process, at: float | None = None
-                          ) -> None:
+    def schedule_dropout(self, tk: Ticket, proc: simpy.Process, at: float | None = None,
+                         deadline_at: float | None = None) -> None:
         """Interrupt the update when its client goes offline, unless it has arrived by then
-        (``at``: a restored timer's time)."""
+        (``at``: a restored timer's time). No timer when the client goes offline after the
+        round's deadline (``deadline_at``): by then the update has arrived or the deadline has
+        stopped it, so the timer could only fire into nothing (one SimPy event less per
+        update; the other events keep their order)."""
         t_off = self.availability.next_off_s(tk.client, self.env.now) if at is None else at
-        if math.isinf(t_off):
+        if math.isinf(t_off) or (deadline_at is not None and t_off > deadline_at):
             return
 
         def drop(_event: simpy.Event) -> None:
@@ -208,7 +211,7 @@ class Simulation:
         proc = env.active_process
         uplink = self.network.link(c, UPLINK)
         if not resumed:
-            self.schedule_dropout(tk, proc)
+            self.schedule_dropout(tk, proc, deadline_at=deadline_at)
             self.per_client["updates_sent"][c] += 1
             uplink.contenders += 1
         elif tk.phase in ("queue", "service"):
