@@ -282,3 +282,38 @@ def test_scalar_paths_match_vectorized(scenario_factory, name):
         for k in (1, 3, 6):
             rates = ch.shared_rates(0, UPLINK, np.full(k, vec[0]))
             assert ch.rate_among(0, UPLINK, float(vec[0]), k) == pytest.approx(rates[-1], rel=1e-12)
+
+
+def test_freed_slots_keep_join_order_and_the_separable_rates(scenario_factory):
+    """A flow that leaves gives its slot to the last one (O(1)); the flows that end together
+    are still told in the order they joined, the checkpoint document lists them in that order,
+    and a downlink's cached spectral efficiencies give exactly ``shared_rates``' rates."""
+    sc = scenario_factory(
+        clients=[{"profile": "mobile", "count": 1, "overrides": {"distance_m": [d, d]}}
+                 for d in (300, 150, 300, 450, 150)],  # clients 0-4
+        network__channel={"name": "pathloss", "shadowing_sigma_db": 0, "fading": False},
+        network__cells=[{"downlink_bandwidth_hz": 10e6}])
+    env, _, ch = _world(sc)
+    link = SharedLink(env, ch, 0, DOWNLINK)
+    told = []
+
+    def flow(i, nbytes):
+        ok = yield link.transfer(i, nbytes)
+        told.append((i, env.now, ok))
+
+    for i in (3, 0, 1, 2, 4):  # joins in this order, at one instant: slots 0-4
+        env.process(flow(i, 5_000_000 if i == 2 else 500_000))
+    env.run(until=1e-9)
+    link.cancel(0)  # client 4, the last, moves into slot 1: ahead of client 1 in the arrays
+    env.run(until=2e-9)
+    assert link._ids[: link.active].tolist() == [3, 4, 1, 2]
+    assert link.clients.tolist() == [3, 1, 2, 4] == link.state()["ids"]  # join order
+    exact = ch.shared_rates(0, DOWNLINK, link.flow_states)
+    assert np.array_equal(link.rates, exact)  # (B / K) x cached log2(1 + SNR): the same bits
+    env.run()
+    # Clients 1 and 4 (both 150 m, the same size) end at one instant and are told in the
+    # order they joined (1 first, though 4 sits before it); client 2's big flow ends last.
+    (i1, t1, _), (i4, t4, _) = [x for x in told if x[0] in (1, 4)]
+    assert (i1, i4) == (1, 4) and t1 == t4
+    assert [x[0] for x in told][-1] == 2 and all(ok for _, _, ok in told)
+    assert link.active == 0 and not link.events
