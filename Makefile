@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart test test-fast lint bench clean
+.PHONY: setup quickstart test test-fast lint bench bench-setup bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,14 @@ lint:
 bench:
 	$(BIN)/python benchmarks/bench_engine.py
 
+# Flower in a venv of its own (.venv-bench): flwr[simulation] pins Ray and protobuf versions the
+# default install does not use. Then: make bench-peers (or pytest there: the --smoke test runs).
+bench-setup:
+	$(MAKE) setup VENV=.venv-bench
+	.venv-bench/bin/python -m pip install --disable-pip-version-check -q -e ".[bench]"
+
+bench-peers:
+	HF_HUB_OFFLINE=1 .venv-bench/bin/python benchmarks/bench_peers.py
+
 clean:
-	rm -rf $(VENV) runs sweeps .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-bench runs sweeps .pytest_cache .ruff_cache
