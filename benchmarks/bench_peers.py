@@ -122,19 +122,11 @@ def play_fedsim(executor: str, doc: dict[str, Any], workers: int) -> dict[str, A
         return submit_train(*args, **kwargs)
 
     sim.executor.submit_train = submit
-    result = sim.run(progress=lambda done: marks.append(time.time()))
+    sim.run(progress=lambda done: marks.append(time.time()))
     sim.workload.close()
     losses = [q.get("loss") for q in sim.quality_by_round]
     acc = [q.get("accuracy") for q in sim.quality_by_round]
-    return {"marks": marks, "selected": selected, "loss": losses, "accuracy": acc,
-            "summary_events": result.summary.get("sim_events")}
-
-
-# --- Flower ---------------------------------------------------------------------------------------
-
-
-# In benchmarks/flower_peer.py: a module Ray's workers import, as `flwr run` imports an app
-# (a ClientApp defined here, in __main__, would be pickled by value and lose its cache).
+    return {"marks": marks, "selected": selected, "loss": losses, "accuracy": acc}
 
 
 # --- the comparison -------------------------------------------------------------------------------
@@ -148,7 +140,10 @@ def one(args: argparse.Namespace) -> None:
     doc = json.loads(Path(args.doc).read_text())
     if args.one == "flower":
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # the ClientApps' torch: 1 thread each
-        here = str(Path(__file__).resolve().parent)  # Ray's workers import flower_peer
+        # Flower's side lives in benchmarks/flower_peer.py, a module Ray's workers import (as
+        # `flwr run` imports an app): a ClientApp defined in __main__ would be pickled by value
+        # and rebuild its trainer on every message.
+        here = str(Path(__file__).resolve().parent)
         os.environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (here, os.environ.get("PYTHONPATH")) if p)
         from flower_peer import play_flower
