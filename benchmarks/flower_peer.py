@@ -1,15 +1,16 @@
 """The Flower side of benchmarks/bench_peers.py: fedsim's scenario as a Flower app.
 
 A module of its own because Ray's workers import it, as ``flwr run`` imports an app: the
-ClientApp's cache (the trainer and the data, built once per worker) then lives as long as the
+ClientApp's cache (the workload: trainer and data, built once per worker) then lives as long as the
 worker, like a fedsim worker's. Needs the ``bench`` extra (Flower).
 
-The ClientApp trains the fedsim client its message names (``config.client``): that client's
-partition, batch plan, validation split and seed, from fedsim's own functions, so the updates
-are the ones fedsim computes. The ServerApp runs Flower's ``FedAvg`` (its weighted average of
-the returned weights, by ``num-examples`` = the client's data set size, as fedsim's FedAvg)
-on the clients fedsim selected in each round, and evaluates the federated adapter centrally on
-the scenario's evaluation examples after each round.
+The ClientApp trains the fedsim client its message names (``config.client``) through fedsim's
+own workload of the scenario, built as the engine builds it: that client's partition, batch
+plan, validation split and seed, so the updates are the ones fedsim computes. The ServerApp
+runs Flower's ``FedAvg`` (its weighted average of the returned weights, by ``num-examples`` =
+the client's data set size, as fedsim's FedAvg) on the clients fedsim selected in each round,
+and evaluates the federated adapter centrally on the scenario's evaluation examples after
+each round.
 """
 
 from __future__ import annotations
@@ -23,28 +24,20 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-_STATE: dict[str, dict[str, Any]] = {}  # per process: scenario JSON -> trainer and data
+_STATE: dict[str, Any] = {}  # per process: scenario JSON -> its fedsim workload
 
 
-def client_state(doc_json: str) -> dict[str, Any]:
-    """The scenario's trainer (its base model loaded once), training split, partitions,
-    validation splits and evaluation examples, built on first use in this process."""
+def workload(doc_json: str) -> Any:
+    """fedsim's own workload of the scenario (its fleet, partitions, validation splits,
+    evaluation examples and the family's trainer, base model loaded once), built as the engine
+    builds it, on first use in this process."""
     if doc_json not in _STATE:
-        from fedsim.data import TaskData, load_dataset
-        from fedsim.federation import FamilyKey, local_config, partition_clients, validation_splits
+        from fedsim.devices import build_fleet
+        from fedsim.rng import stream
         from fedsim.scenario import validate
+        from fedsim.workload import make_workload
         sc = validate(json.loads(doc_json))
-        full = load_dataset(sc.task.dataset, sc.task.kind)
-        n = sc.task.max_train_examples
-        train = full.train[:n] if n else full.train
-        task = TaskData(full.name, full.task, train, full.test, full.label_names, full.metric)
-        parts = partition_clients(task, sc, sum(g.count for g in sc.clients))
-        key = FamilyKey(sc.clients[0].model, task.task,
-                        len(task.label_names) if task.label_names else None, local_config(sc),
-                        sc.seed, sc.task.dataset, sc.task.kind)
-        _STATE[doc_json] = {"sc": sc, "train": train, "parts": parts,
-                            "validation": validation_splits(sc, parts), "trainer": key.trainer(),
-                            "eval": full.test[: sc.task.eval_examples]}
+        _STATE[doc_json] = make_workload(sc, build_fleet(sc, stream(sc.seed, "fleet")))
     return _STATE[doc_json]
 
 
@@ -53,19 +46,20 @@ client_app = ClientApp()
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One local training job: the start adapter arrives as arrays, the new weights go back."""
+    """One local training job, fedsim's plan and seed: the start adapter arrives as arrays,
+    the new weights go back."""
     from fedsim.federation import job_seed
     cfg = msg.content["config"]
     c, round_ = int(cfg["client"]), int(cfg["fedsim-round"])
-    st = client_state(str(cfg["scenario"]))
+    wl = workload(str(cfg["scenario"]))
     start = msg.content["arrays"].to_torch_state_dict()
-    examples = [st["train"][i] for i in st["parts"][c]]
-    seed = job_seed(st["sc"].seed, c, round_)
-    plan = st["trainer"].plan(examples, seed, validation=st["validation"][c])
-    res = st["trainer"].train(start, examples, plan, seed)
+    examples = [wl.task.train[i] for i in wl.parts[c]]
+    plan = wl.plan(c, round_).context
+    trainer = wl.families[wl.fleet.model[c]].trainer
+    res = trainer.train(start, examples, plan, job_seed(wl.scenario.seed, c, round_))
     new = {k: v + res.delta[k] if k in res.delta else v for k, v in start.items()}
     return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord(
-        {"num-examples": len(st["parts"][c]), "train_loss": res.losses[-1]})}), reply_to=msg)
+        {"num-examples": len(wl.parts[c]), "train_loss": res.losses[-1]})}), reply_to=msg)
 
 
 class FedsimSelection(FedAvg):
@@ -95,21 +89,21 @@ def server_app(doc_json: str, selected: list[tuple[int, list[int]]], marks: list
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        st = client_state(doc_json)
-        initial = st["trainer"].initial_adapter()
+        wl = workload(doc_json)
+        family = next(iter(wl.families.values()))
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             if server_round == 0:  # called before round 1 is dispatched
                 marks.append(time.time())
                 return MetricRecord({})
-            m = st["trainer"].evaluate(arrays.to_torch_state_dict(), st["eval"])
+            m = family.trainer.evaluate(arrays.to_torch_state_dict(), wl.eval_examples)
             history.append(m)
             marks.append(time.time())
             return MetricRecord({k: float(v) for k, v in m.items()})
 
         strategy = FedsimSelection(selected, doc_json, fraction_evaluate=0.0,
-                                   min_available_nodes=len(st["parts"]))
-        strategy.start(grid, ArrayRecord({k: v.clone() for k, v in initial.items()}),
+                                   min_available_nodes=wl.fleet.size)
+        strategy.start(grid, ArrayRecord({k: v.clone() for k, v in family.adapter.items()}),
                        num_rounds=len(selected), evaluate_fn=evaluate)
 
     return app
