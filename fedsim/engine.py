@@ -116,6 +116,7 @@ class Simulation:
         self.queue_seq = 0  # updates that reached the ingress queue so far
         self.updates_begun = 0  # updates started so far (each ticket's serial)
         self._deferred: list[tuple[int, Deferred]] = []  # rounds whose quality is coming
+        self.clients_final: dict[int, dict[str, float]] = {}  # each client's own last model
 
     # --- the life of one update -------------------------------------------------------------
 
@@ -424,6 +425,7 @@ class Simulation:
                 self.faults.start()
             main = self.env.process(self.policy.run())
             self.env.run(until=main)
+            self.clients_final = self.workload.client_metrics(self.executor)  # workers still up
         finally:
             self.executor.close()
         self.env.events_processed -= self.restore_events
@@ -489,7 +491,7 @@ class Simulation:
                 "metric": metric,
                 "server_by_round": [q.get(metric) for q in self.quality_by_round]
                 if metric else [],
-                "clients_final": self.workload.client_metrics(),
+                "clients_final": self.clients_final,
             },
             "counts": {
                 "updates_started": int(self.per_client["updates_sent"].sum()),

@@ -53,13 +53,19 @@ from fedsim.distillation import (
     positions_of,
     proxy_set,
 )
-from fedsim.executors import WorkerCache
+from fedsim.executors import Executor, JobFailed, WorkerCache
 from fedsim.heterogeneity import heterogeneity
 from fedsim.plugins import TASKS, AggregatorConfig, TransferConfig
 from fedsim.rng import stream
 from fedsim.scenario import Scenario
 from fedsim.server import ServerModel, ServerSet, ServerVariant, make_transfer
-from fedsim.training import FamilyTrainer, LocalTrainingConfig, TrainResult, validation_split
+from fedsim.training import (
+    FamilyTrainer,
+    LocalTrainingConfig,
+    TrainResult,
+    torch_threads,
+    validation_split,
+)
 from fedsim.workload import (
     WORKLOADS,
     Adapter,
@@ -141,9 +147,38 @@ class TrainJob:
     def run(self, cache: WorkerCache) -> TrainResult:
         fam = self.family
         trainer = cache.get(("trainer", fam), fam.trainer)
-        train = cache.get(("data", fam.dataset, fam.kind),
-                          lambda: load_dataset(fam.dataset, fam.kind).train)
+        train = _worker_data(cache, fam).train
         return trainer.train(self.start, [train[i] for i in self.indices], self.plan, self.seed)
+
+
+def _worker_data(cache: WorkerCache, fam: FamilyKey) -> TaskData:
+    """The task's data set, loaded once per worker."""
+    return cache.get(("data", fam.dataset, fam.kind), lambda: load_dataset(fam.dataset, fam.kind))
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One client's own last model scored on the first ``count`` evaluation examples, as
+    data (a :class:`fedsim.executors.RemoteJob`): the end-of-run per-client scores run on the
+    workers side by side instead of one after another in the main process (20 minilm-l6
+    clients x 100 articles: ~24 s in the main process here). On ``threads`` torch threads
+    wherever it runs, so that every executor gives the same numbers."""
+
+    family: FamilyKey
+    adapter: Adapter
+    count: int
+
+    def run(self, cache: WorkerCache) -> dict[str, float]:
+        trainer = cache.get(("trainer", self.family), self.family.trainer)
+        return evaluate_on_threads(trainer, self.adapter,
+                                   _worker_data(cache, self.family).test[: self.count])
+
+
+def evaluate_on_threads(trainer: FamilyTrainer, adapter: Adapter,
+                        examples: list[Any]) -> dict[str, float]:
+    """``trainer.evaluate`` on the jobs' torch thread count (a sum's order depends on it)."""
+    with torch_threads(trainer.cfg.threads):
+        return trainer.evaluate(adapter, examples)
 
 
 def partition_clients(task: TaskData, scenario: Scenario, n_clients: int) -> list[np.ndarray]:
@@ -548,17 +583,32 @@ class LoraWorkload(Workload):
             self._evaluating.result()
             self._evaluating = None
 
-    def client_metrics(self) -> dict[int, dict[str, float]]:
+    def client_metrics(self, executor: Executor | None = None) -> dict[int, dict[str, float]]:
         """Each client's own last model (its start adapter + its last delta) on up to
-        ``CLIENT_EVAL_EXAMPLES`` held-out examples; skipped beyond ``CLIENT_EVAL_MAX`` clients."""
+        ``CLIENT_EVAL_EXAMPLES`` held-out examples; skipped beyond ``CLIENT_EVAL_MAX`` clients.
+        With an out-of-process ``executor`` the clients are scored on its workers at once."""
         if len(self._last) > CLIENT_EVAL_MAX:
             return {}
-        out = {}
+        remote = executor is not None and not self.scenario.executor.shares_threads
+        count = min(CLIENT_EVAL_EXAMPLES, len(self.eval_examples))
+        jobs = {}
         for client in sorted(self._last):
             start, delta = self._last[client]
             local = {k: v + delta[k] if k in delta else v for k, v in start.items()}
-            trainer = self._family(client).trainer
-            out[client] = trainer.evaluate(local, self.eval_examples[:CLIENT_EVAL_EXAMPLES])
+            if remote:
+                jobs[client] = executor.submit(
+                    EvalJob(self.family_keys[self.fleet.model[client]], local, count))
+            else:
+                jobs[client] = evaluate_on_threads(self._family(client).trainer, local,
+                                                   self.eval_examples[:count])
+        if not remote:
+            return jobs
+        out = {}
+        for client, job in jobs.items():
+            try:
+                out[client] = job.result()
+            except JobFailed as e:  # a lost worker costs that client's score, not the run
+                log.warning("client %d's final evaluation failed: %s", client, e)
         return out
 
     # --- checkpoints ---------------------------------------------------------------------------

@@ -174,8 +174,9 @@ class Workload(ABC):
     def evaluate(self, round_: int) -> dict[str, float] | Deferred:
         return {}
 
-    def client_metrics(self) -> dict[int, dict[str, float]]:
-        """Final per-client quality, if the workload measures it."""
+    def client_metrics(self, executor: Any = None) -> dict[int, dict[str, float]]:
+        """Final per-client quality, if the workload measures it (on ``executor``'s workers
+        where it can)."""
         return {}
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:

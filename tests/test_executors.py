@@ -132,6 +132,8 @@ def test_process_matches_inline(inline_run, tmp_path):
     summary, events = _run(tmp_path, "process", _tiny_quickstart(
         ["executor.name=process", "executor.workers=2"]))
     assert summary["quality"]["server_by_round"][-1] is not None
+    # Each client's own final model is scored on the workers (EvalJob), inline in this process.
+    assert len(summary["quality"]["clients_final"]) == 5  # the clients that trained
     assert summary == inline_run[0]
     assert events == inline_run[1]
 
