@@ -161,7 +161,7 @@ class EvalJob:
     """One client's own last model scored on the first ``count`` evaluation examples, as
     data (a :class:`fedsim.executors.RemoteJob`): the end-of-run per-client scores run on the
     workers side by side instead of one after another in the main process (20 minilm-l6
-    clients x 100 articles: ~24 s in the main process here). On ``threads`` torch threads
+    clients x 100 articles: ~24 s in the main process here). On the family's job thread count
     wherever it runs, so that every executor gives the same numbers."""
 
     family: FamilyKey
@@ -591,18 +591,15 @@ class LoraWorkload(Workload):
             return {}
         remote = executor is not None and not self.scenario.executor.shares_threads
         count = min(CLIENT_EVAL_EXAMPLES, len(self.eval_examples))
-        jobs = {}
+        models = {}
         for client in sorted(self._last):
             start, delta = self._last[client]
-            local = {k: v + delta[k] if k in delta else v for k, v in start.items()}
-            if remote:
-                jobs[client] = executor.submit(
-                    EvalJob(self.family_keys[self.fleet.model[client]], local, count))
-            else:
-                jobs[client] = evaluate_on_threads(self._family(client).trainer, local,
-                                                   self.eval_examples[:count])
+            models[client] = {k: v + delta[k] if k in delta else v for k, v in start.items()}
         if not remote:
-            return jobs
+            return {c: evaluate_on_threads(self._family(c).trainer, m, self.eval_examples[:count])
+                    for c, m in models.items()}
+        jobs = {c: executor.submit(EvalJob(self.family_keys[self.fleet.model[c]], m, count))
+                for c, m in models.items()}
         out = {}
         for client, job in jobs.items():
             try:
