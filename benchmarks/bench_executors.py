@@ -28,6 +28,9 @@ from fedsim.engine import Simulation
 from fedsim.scenario import load
 
 ROOT = Path(__file__).resolve().parent.parent
+# The quickstart at the size these figures were first measured at: 20 clients, 200 articles.
+TWENTY = ["clients.0.count=10", "clients.1.count=6", "clients.2.count=4",
+          "task.eval_examples=200"]
 SETTINGS = {
     "inline": ["executor.name=inline"],
     "inline-2t": ["executor.name=inline", "executor.threads_per_job=2"],
@@ -37,8 +40,8 @@ SETTINGS = {
 
 
 def play(name: str, args: argparse.Namespace) -> dict:
-    overrides = [f"rounds={args.rounds}", f"executor.workers={args.workers}", *SETTINGS[name],
-                 *args.set]
+    overrides = [*TWENTY, f"rounds={args.rounds}", f"executor.workers={args.workers}",
+                 *SETTINGS[name], *args.set]
     sc = load(ROOT / "scenarios/quickstart.yaml", overrides)
     t0 = time.perf_counter()
     sim = Simulation(sc)

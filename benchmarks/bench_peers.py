@@ -55,7 +55,9 @@ def scenario_doc(rounds: int, smoke: bool) -> dict[str, Any]:
 
     from fedsim.scenario import apply_overrides
     doc = yaml.safe_load((ROOT / "scenarios/quickstart.yaml").read_text())
-    apply_overrides(doc, [f"rounds={rounds}", "server.model=null"])
+    # the work: 20 clients, the adapter scored on 200 articles a round
+    apply_overrides(doc, [f"rounds={rounds}", "server.model=null", "clients.0.count=10",
+                          "clients.1.count=6", "clients.2.count=4", "task.eval_examples=200"])
     if smoke:
         doc["rounds"] = 1
         doc["clients"] = [{"name": "laptops", "profile": "laptop", "count": 2,

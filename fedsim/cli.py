@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a scenario; exit 0 if valid, 2 if not")
     val.add_argument("scenario")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    prep = sub.add_parser("prepare", help="load a scenario's data and models and fit its "
+                          "projectors, so that its first run starts from warm caches")
+    prep.add_argument("scenario")
+    prep.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE")
+    prep.add_argument("--quiet", action="store_true", help="no progress line")
 
     sw = sub.add_parser("sweep", help="run a grid of overrides x seeds, one run directory each",
                         description="Run every point of a grid of overrides times seeds; "
@@ -232,6 +240,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{args.scenario}: valid ({sc.num_clients} clients, {sc.rounds} rounds)")
     for note in sc.notes():
         print(f"note: {note}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Everything a run builds before its first round, and nothing after: the fleet, then the
+    workload (data set, client and server models, the server's probe, the fitted projection
+    maps). What it builds lands in the caches (models, projectors, token maps), so a run, a
+    sweep's parallel points or a comparison read them instead of each fitting its own."""
+    from tqdm import tqdm
+
+    from fedsim.devices import build_fleet
+    from fedsim.models import cache_dir
+    from fedsim.rng import stream
+    from fedsim.scenario import load
+    from fedsim.workload import make_workload
+
+    sc = load(args.scenario, args.overrides)
+    t0 = time.perf_counter()
+    bar = tqdm(total=0, desc=sc.name, disable=args.quiet or None, file=sys.stderr,
+               bar_format="{desc}")
+    try:
+        with status_on(bar, sc.name, quiet=args.quiet):
+            make_workload(sc, build_fleet(sc, stream(sc.seed, "fleet")))
+    finally:
+        bar.close()
+    if not args.quiet:
+        print(f"{args.scenario}: prepared in {time.perf_counter() - t0:.1f} s "
+              f"(caches under {cache_dir().parent})")
     return 0
 
 
@@ -439,7 +475,7 @@ def _cell(v: object) -> str:
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "compare": cmd_compare,
-            "validate": cmd_validate,
+            "validate": cmd_validate, "prepare": cmd_prepare,
             "plot": cmd_plot, "models": cmd_models}
 
 

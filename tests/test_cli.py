@@ -291,3 +291,35 @@ def test_compare_seeds_runs_once_per_seed_and_reports_the_interval(tmp_path):
     assert "over 3 seeds (0, 1, 2" in r.stdout
     assert len([row for row in csv.DictReader((out / "comparison_by_seed.csv").open())
                 if row["variant"] == "pad"]) == 3
+
+
+def test_prepare_fits_the_projector_once_and_a_run_then_reads_it(tmp_path, monkeypatch):
+    """``fedsim prepare``: the quickstart's set-up (tiny models) writes its lstsq maps to the
+    projector cache; the workload a run builds afterwards loads them instead of fitting."""
+    from fedsim.devices import build_fleet
+    from fedsim.models import cache_dir
+    from fedsim.rng import stream
+    from fedsim.scenario import load
+    from fedsim.workload import make_workload
+
+    home = tmp_path / "cache"
+    home.mkdir()
+    (home / "models").symlink_to(cache_dir())  # the installed models; projectors start empty
+    quickstart = ROOT / "scenarios/quickstart.yaml"
+    tiny = [f"clients.{g}.model=tiny-bert" for g in range(3)] + [
+        "server.model=tiny-mpnet", "task.max_train_examples=200", "task.eval_examples=20",
+        "server.probe_examples=20"]
+    monkeypatch.setenv("FEDSIM_CACHE", str(home))
+    r = fedsim("prepare", quickstart, *[a for kv in tiny for a in ("--set", kv)])
+    assert r.returncode == 0, r.stderr
+    assert "prepared in" in r.stdout
+    assert len(list((home / "projectors").glob("*.safetensors"))) == 1  # one family, one server
+    sc = load(quickstart, tiny)
+    workload = make_workload(sc, build_fleet(sc, stream(sc.seed, "fleet")))
+    assert workload.servers.primary.model.families["tiny-bert"].projector.cache_hit
+
+
+def test_prepare_bad_input_exits_2(tmp_path):
+    r = fedsim("prepare", ROOT / "scenarios/quickstart.yaml", "--set", "rounds=0")
+    assert r.returncode == 2
+    assert "rounds" in r.stderr and "Traceback" not in r.stderr
