@@ -289,8 +289,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                file=sys.stderr)
 
     def on_round(done: int) -> None:
-        bar.set_description_str(sc.name)  # past the set-up: the bar counts rounds
-        bar.update(done - bar.n)
+        bar.update(done - bar.n)  # the bar counts the rounds done; its text names the next
+        if done < sc.rounds:
+            bar.set_description_str(f"{sc.name}: round {done + 1} of {sc.rounds}")
 
     try:
         with status_on(bar, sc.name, quiet=args.quiet):

@@ -11,6 +11,7 @@ their updates and closes rounds by aggregating. ``run(scenario)`` returns a ``Ru
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Generator
@@ -37,6 +38,8 @@ from fedsim.rng import key, stream
 from fedsim.scenario import Scenario
 from fedsim.selection import make_selector
 from fedsim.workload import Arrival, Deferred, Upload, Workload, make_workload
+
+log = logging.getLogger("fedsim")  # what the run is doing, for a progress display
 
 GIB = 2**30
 
@@ -420,6 +423,7 @@ class Simulation:
         if progress:
             self.on_round = progress  # type: ignore[method-assign]
         wall0 = time.perf_counter()
+        log.info("round %d of %d", self.first_round + 1, self.scenario.rounds)
         try:
             if not self.first_round:
                 self.faults.start()

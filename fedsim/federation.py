@@ -589,6 +589,7 @@ class LoraWorkload(Workload):
         With an out-of-process ``executor`` the clients are scored on its workers at once."""
         if len(self._last) > CLIENT_EVAL_MAX:
             return {}
+        log.info("scoring each client's last model (%d clients)", len(self._last))
         remote = executor is not None and not self.scenario.executor.shares_threads
         count = min(CLIENT_EVAL_EXAMPLES, len(self.eval_examples))
         models = {}

@@ -109,6 +109,35 @@ def test_the_progress_bar_says_what_the_run_is_doing():
     assert log.level == level and log.handlers == handlers
 
 
+def test_the_bar_names_the_first_round_once_the_set_up_is_done(tmp_path, monkeypatch):
+    """``fedsim run``'s bar: the engine says when the rounds begin, each round's close names
+    the next one (here seen through a recording stand-in for tqdm)."""
+    import fedsim.cli as cli
+
+    said = []
+
+    class Bar:
+        n = 0
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def set_description_str(self, text):
+            said.append(text)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("tqdm.tqdm", Bar)
+    p = tmp_path / "s.yaml"
+    p.write_text(GOOD)
+    assert cli.main(["run", str(p), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    assert said == ["tiny: round 1 of 2", "tiny: round 2 of 2"]
+
+
 def test_resume_without_a_checkpoint_exits_2(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text(GOOD)
