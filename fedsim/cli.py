@@ -244,17 +244,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    """Everything a run builds before its first round, and nothing after: the fleet, then the
-    workload (data set, client and server models, the server's probe, the fitted projection
-    maps). What it builds lands in the caches (models, projectors, token maps), so a run, a
-    sweep's parallel points or a comparison read them instead of each fitting its own."""
     from tqdm import tqdm
 
-    from fedsim.devices import build_fleet
+    from fedsim.engine import prepare
     from fedsim.models import cache_dir
-    from fedsim.rng import stream
     from fedsim.scenario import load
-    from fedsim.workload import make_workload
 
     sc = load(args.scenario, args.overrides)
     t0 = time.perf_counter()
@@ -262,7 +256,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                bar_format="{desc}")
     try:
         with status_on(bar, sc.name, quiet=args.quiet):
-            make_workload(sc, build_fleet(sc, stream(sc.seed, "fleet")))
+            prepare(sc)
     finally:
         bar.close()
     if not args.quiet:

@@ -25,7 +25,7 @@ from fedsim import checkpoint
 from fedsim.availability import Availability
 from fedsim.channels import DOWNLINK, UPLINK, Network, SharedLink, WiredLink
 from fedsim.clock import Clock
-from fedsim.devices import PROFILES, build_fleet
+from fedsim.devices import PROFILES, Fleet, build_fleet
 from fedsim.energy import Energy
 from fedsim.errors import FedsimError
 from fedsim.estimation import ChannelKnowledge
@@ -84,7 +84,7 @@ class Simulation:
                  executor: Executor | None = None, start_s: float = 0.0) -> None:
         self.scenario = scenario
         self.env = Clock(start_s)  # a resumed run starts at its checkpoint's time
-        self.fleet = build_fleet(scenario, stream(scenario.seed, "fleet"))
+        self.fleet = _fleet(scenario)
         self.network = Network(self.env, scenario, self.fleet)
         self.ingress = Ingress(self.env, scenario.server.workers, scenario.server.queue_capacity,
                                requeue=scenario.faults.on_server_failure == "requeue")
@@ -508,6 +508,18 @@ class Simulation:
             **({"selection": sel} if (sel := self.selector.summary()) is not None else {}),
             "wall_time_s": wall_time_s,
         }
+
+
+def _fleet(scenario: Scenario) -> Fleet:
+    return build_fleet(scenario, stream(scenario.seed, "fleet"))
+
+
+def prepare(scenario: Scenario) -> None:
+    """What a run builds before its first round and nothing after: the fleet, then the workload
+    (data set, client and server models, the server's probe, the fitted projection maps). What
+    it builds lands in the caches (models, projectors, token maps), so a run, a sweep's
+    parallel points or a comparison read them instead of each fitting its own."""
+    make_workload(scenario, _fleet(scenario)).close()
 
 
 def run(scenario: Scenario, workload: Workload | None = None,

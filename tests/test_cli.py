@@ -325,11 +325,9 @@ def test_compare_seeds_runs_once_per_seed_and_reports_the_interval(tmp_path):
 def test_prepare_fits_the_projector_once_and_a_run_then_reads_it(tmp_path, monkeypatch):
     """``fedsim prepare``: the quickstart's set-up (tiny models) writes its lstsq maps to the
     projector cache; the workload a run builds afterwards loads them instead of fitting."""
-    from fedsim.devices import build_fleet
+    from fedsim.engine import Simulation
     from fedsim.models import cache_dir
-    from fedsim.rng import stream
     from fedsim.scenario import load
-    from fedsim.workload import make_workload
 
     home = tmp_path / "cache"
     home.mkdir()
@@ -343,9 +341,12 @@ def test_prepare_fits_the_projector_once_and_a_run_then_reads_it(tmp_path, monke
     assert r.returncode == 0, r.stderr
     assert "prepared in" in r.stdout
     assert len(list((home / "projectors").glob("*.safetensors"))) == 1  # one family, one server
-    sc = load(quickstart, tiny)
-    workload = make_workload(sc, build_fleet(sc, stream(sc.seed, "fleet")))
-    assert workload.servers.primary.model.families["tiny-bert"].projector.cache_hit
+    sim = Simulation(load(quickstart, tiny))  # what a run builds before its first round
+    try:
+        assert sim.workload.servers.primary.model.families["tiny-bert"].projector.cache_hit
+    finally:
+        sim.workload.close()
+        sim.executor.close()
 
 
 def test_prepare_bad_input_exits_2(tmp_path):
