@@ -61,6 +61,13 @@ class Availability:
             self._advance(np.array([client]), t)
         return float(self.next_switch[client]) if self.on[client] else t
 
+    def next_off_many(self, clients: np.ndarray, t: float) -> np.ndarray:
+        """:meth:`next_off_s` of each of ``clients`` (distinct), as a vector."""
+        due = clients[self.next_switch[clients] <= t]
+        if due.size:
+            self._advance(due, t)
+        return np.where(self.on[clients], self.next_switch[clients], t)
+
     def next_on_s(self, t: float) -> float:
         """The earliest time after ``t`` at which some off client comes on."""
         self._advance(np.arange(len(self.on)), t)

@@ -1,4 +1,4 @@
-"""Channels and cell sharing: how fast each active flow moves, and fluid flows over time.
+"""Channels and cell sharing: how fast each active flow moves; the cells' links (``Network``).
 
 A :class:`Channel` (registry ``CHANNELS``) turns the set of flows active in one cell and one
 direction into one rate per flow (bits/s), vectorized over the flows:
@@ -15,28 +15,27 @@ transmit power on the narrower band, so its SNR there is K times the full-band S
 downlink the base station's power is spread over the whole carrier, so the SNR per Hz stays.
 ``tdma`` gives each flow the whole carrier 1/K of the time. Wired clients bypass the cell.
 
-A :class:`SharedLink` holds the active flows of one cell and direction as numpy arrays: a flow
-joining or leaving, or the fading changing, advances every flow's remaining bits and recomputes
-the rates in one vectorized step, O(K) for K flows of that cell (never a Python loop over
-flows), then schedules one SimPy wake-up at the next completion or channel change.
+The flows themselves, advanced as fluids over time, are ``fedsim.links``: a channel says
+whether its rates separate as (B / K) x a flow's own spectral efficiency
+(:meth:`Channel.separable_band_hz`), which lets a link carry all its flows on one virtual clock.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import simpy
 
-from fedsim.clock import NOOP, Clock, Tag
+from fedsim.clock import Clock
 from fedsim.devices import Fleet
 from fedsim.errors import FedsimError
 from fedsim.estimation import ChannelKnowledge
 from fedsim.interference import Interference
+from fedsim.links import SharedLink, WiredLink
 from fedsim.mobility import Mobility
 from fedsim.plugins import CHANNELS, ChannelConfig
 from fedsim.rng import hashed_exponential, hashed_uniform_one, stream
@@ -106,6 +105,10 @@ class Channel(ABC):
         """Bits/s/Hz of each flow of ``state`` (0 in outage), where separable."""
         raise NotImplementedError
 
+    def efficiency_one(self, cell: int, direction: str, state: float) -> float:
+        """:meth:`efficiency` of one flow."""
+        return float(self.efficiency(cell, direction, np.array([state]))[0])
+
     def next_change_s(self, t: float) -> float:
         """Next time after ``t`` at which rates change by themselves (fading, trace step)."""
         return math.inf
@@ -149,6 +152,15 @@ class StaticChannel(Channel):
 
     def rate_among(self, cell: int, direction: str, state: float, k: int) -> float:
         return state * self._total(cell, direction) / max(k, 1)
+
+    def separable_band_hz(self, cell: int, direction: str) -> float | None:
+        return self._total(cell, direction)  # the carrier's bits/s, "efficiency" 1 each
+
+    def efficiency(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
+        return np.asarray(state, dtype=float).copy()
+
+    def efficiency_one(self, cell: int, direction: str, state: float) -> float:
+        return state
 
     def _total(self, cell: int, direction: str) -> float:
         c = self.cells[cell]
@@ -253,6 +265,9 @@ class PathlossChannel(Channel):
         eff[state < self._outage_lin] = 0.0
         return eff
 
+    def efficiency_one(self, cell: int, direction: str, state: float) -> float:
+        return 0.0 if state < self._outage_lin else math.log2(1.0 + state)
+
     def shared_rates(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
         c = self.cells[cell]
         k = max(len(state), 1)
@@ -298,6 +313,15 @@ class TraceChannel(Channel):
     def shared_rates(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
         return state / max(len(state), 1)
 
+    def separable_band_hz(self, cell: int, direction: str) -> float | None:
+        return 1.0  # a trace rate is the flow's rate alone: K flows get 1/K of it each
+
+    def efficiency(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
+        return np.asarray(state, dtype=float).copy()
+
+    def efficiency_one(self, cell: int, direction: str, state: float) -> float:
+        return state
+
     def next_change_s(self, t: float) -> float:
         i = int(np.searchsorted(self._all_times, t + 1e-12, side="right"))
         return float(self._all_times[i]) if i < len(self._all_times) else math.inf
@@ -326,325 +350,6 @@ def read_trace(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray
 def make_channel(cfg: ChannelConfig, cells: list[CellConfig], fleet: Fleet,
                  rng: np.random.Generator) -> Channel:
     return CHANNELS.get(cfg.name)(cfg, cells, fleet, rng)
-
-
-# --- fluid flows ---------------------------------------------------------------------------
-
-_DONE_BITS = 1e-6  # a flow with fewer bits left than this has finished (float round-off)
-_NO_RATE = 1e-200  # bits/s standing in for 0 (outage) so that finish times stay finite
-_NEVER_S = 1e150  # a finish time this far is an outage
-
-
-class SharedLink:
-    """The active flows of one cell in one direction, advanced as fluids.
-
-    ``transfer`` returns a SimPy event that succeeds with ``True`` when the bytes have crossed,
-    or ``False`` if the flow is in outage with no change of channel to come.
-
-    Flows sit in the first ``k`` slots of columns with spare capacity; a flow that ends gives
-    its slot to the last one (O(1), not a copy of every column), and its join number keeps
-    the order in which flows that end at one instant are told (the order they joined in).
-    """
-
-    def __init__(self, env: Clock, channel: Channel, cell: int, direction: str):
-        self.env, self.channel, self.cell, self.direction = env, channel, cell, direction
-        self._k = 0
-        self._ids = np.empty(16, dtype=np.int64)
-        self._seq = np.empty(16, dtype=np.int64)  # join number of each slot's flow
-        self._cols = np.empty((5, 16))  # remaining bits, rate (bits/s), channel state,
-        # spectral efficiency (separable channels), scratch
-        self._slot: dict[int, int] = {}  # client -> its slot
-        self._joins = 0
-        self._band_hz: float | None = None  # set while flows are active (separable_band_hz)
-        self._state_until = math.inf  # the states are valid until then
-        self.events: dict[int, tuple[simpy.Event, float]] = {}  # client -> (done, bits)
-        self.busy_s = 0.0  # time with at least one active flow
-        self.bits_carried = 0.0
-        self._t = 0.0  # time the arrays were last advanced to
-        self._wake_at = math.inf  # the pending wake-up; others that fire are stale, ignored
-        self._flush_pending = False
-        # Clients that will send through this link this round and have not finished yet (the
-        # engine counts them): the rate estimate of an early finisher counts the ones to come.
-        self.contenders = 0
-        self.outage = False  # the cell's base station is down (faults): nothing moves
-        # Called (with this link) when its set of active flows changed, once the instant's
-        # joins and leaves are in: inter-cell interference recomputes its neighbours.
-        self.on_flows_changed: Callable[[SharedLink], None] | None = None
-        self._flows_changed = False
-
-    @property
-    def active(self) -> int:
-        return self._k
-
-    def _order(self) -> np.ndarray:
-        """The active slots in the order their flows joined."""
-        return np.argsort(self._seq[: self._k], kind="stable")
-
-    @property
-    def clients(self) -> np.ndarray:
-        """The active flows' clients, in the order they joined."""
-        return self._ids[: self._k][self._order()]
-
-    @property
-    def remaining_bits(self) -> np.ndarray:
-        return self._cols[0, : self._k][self._order()]
-
-    @property
-    def rates(self) -> np.ndarray:
-        return self._cols[1, : self._k][self._order()]
-
-    @property
-    def flow_states(self) -> np.ndarray:
-        """Each active flow's channel state (see ``Channel.flow_state``), in join order."""
-        return self._cols[2, : self._k][self._order()]
-
-    def transfer(self, client: int, nbytes: int, tag: Tag = NOOP) -> simpy.Event:
-        done = self.env.event()
-        if nbytes <= 0:
-            return done.succeed(True)
-        self._advance()
-        now, k = self.env.now, self._k
-        if not k:
-            self._state_until = self.channel.next_change_s(now)
-            self._band_hz = self.channel.separable_band_hz(self.cell, self.direction)
-        if k == len(self._ids):
-            self._ids = np.concatenate([self._ids, np.empty_like(self._ids)])
-            self._seq = np.concatenate([self._seq, np.empty_like(self._seq)])
-            self._cols = np.concatenate([self._cols, np.empty_like(self._cols)], axis=1)
-        self._ids[k], self._seq[k] = client, self._joins
-        self._joins += 1
-        self._slot[client] = k
-        state = self.channel.flow_state_one(self.direction, client, now)
-        self._cols[:3, k] = (8.0 * nbytes, 0.0, state)
-        if self._band_hz is not None:
-            self._cols[3, k:k + 1] = self.channel.efficiency(self.cell, self.direction,
-                                                             self._cols[2, k:k + 1])
-        self._k = k + 1
-        self._flows_changed = True
-        self.events[client] = (done, 8.0 * nbytes)
-        self._changed()
-        return done
-
-    def cancel(self, client: int) -> None:
-        """Drop ``client``'s flow (dropout, deadline): the others speed up."""
-        if client not in self.events:
-            return
-        self._advance()
-        _, bits = self.events.pop(client)
-        slot = self._slot[client]
-        self.bits_carried += bits - float(self._cols[0, slot])
-        self._remove([slot])
-        self._flows_changed = True
-        self._changed()
-
-    def estimate_rate_bps(self, client: int, known: ChannelKnowledge | None = None,
-                          index: int = 0) -> float:
-        """The rate ``client`` can expect now, sharing with every flow active or still to come
-        (as ``known`` sees the channel; None: exactly).
-
-        Counting only the flows active now would let the first client out of training expect
-        the whole cell and pick a payload that the later flows then slow down.
-        """
-        others = max(self.active, self.contenders - 1)
-        return self.channel.estimate_rate_bps(client, self.direction, self.env.now, others,
-                                              known, index)
-
-    def set_outage(self, down: bool) -> None:
-        """The base station goes down (flows stall where they are) or comes back up."""
-        self._advance()
-        self.outage = down
-        self._changed()
-
-    # internals
-
-    def _advance(self) -> None:
-        dt = self.env.now - self._t
-        k = self._k
-        if dt > 0 and k and not self.outage:
-            rem, rate, tmp = self._cols[0, :k], self._cols[1, :k], self._cols[4, :k]
-            np.multiply(rate, dt, out=tmp)  # bits sent since the last advance
-            np.subtract(rem, tmp, out=rem)
-            self.busy_s += dt
-        self._t = self.env.now
-
-    def _remove(self, slots: list[int]) -> None:
-        """Free ``slots``: the last active flow moves into each (highest slot first)."""
-        ids, seq, cols = self._ids, self._seq, self._cols
-        for slot in sorted(slots, reverse=True):
-            del self._slot[int(ids[slot])]
-            last = self._k - 1
-            if slot != last:
-                moved = int(ids[last])
-                ids[slot], seq[slot] = moved, seq[last]
-                cols[:4, slot] = cols[:4, last]
-                self._slot[moved] = slot
-            self._k = last
-
-    def _end(self, mask: np.ndarray, ok: bool) -> None:
-        """Remove the flows in ``mask`` and tell their clients (``ok``: all bits crossed), in
-        the order they joined."""
-        slots = np.flatnonzero(mask)
-        if not len(slots):
-            return
-        if len(slots) > 1:
-            slots = slots[np.argsort(self._seq[slots], kind="stable")]
-        ended = self._ids[slots].tolist()
-        self._remove(slots.tolist())
-        self._flows_changed = True
-        for c in ended:
-            done, bits = self.events.pop(c)
-            if ok:
-                self.bits_carried += bits
-            done.succeed(ok)
-
-    def _changed(self) -> None:
-        """Recompute once at the end of this instant, however many flows joined or left in it."""
-        if not self._flush_pending:
-            self._flush_pending = True
-            self.env.timer(0, ("flush", self.direction, self.cell), self._flush)
-
-    def _flush(self, _event: simpy.Event) -> None:
-        self._flush_pending = False
-        self._advance()
-        self._finish()
-
-    def _wake(self, at: float) -> None:
-        if at == self._wake_at:
-            self._wake_at = math.inf
-            self._advance()
-            self._finish()
-
-    def _finish(self) -> None:
-        """Complete finished flows, recompute the rates, schedule the next wake-up."""
-        k = self._k
-        rem, rate, tmp = self._cols[0, :k], self._cols[1, :k], self._cols[4, :k]
-        # Finished: less than a bit, or less than a nanosecond at its rate, left (round-off).
-        np.multiply(rate, 1e-9, out=tmp)
-        np.add(tmp, _DONE_BITS, out=tmp)
-        done = rem <= tmp
-        if done.any():
-            self._end(done, ok=True)
-        self._notify()
-        k = self._k
-        if not k:
-            return
-        rem, rate, state, tmp = (self._cols[0, :k], self._cols[1, :k], self._cols[2, :k],
-                                 self._cols[4, :k])
-        if self.outage:  # stalled until set_outage(False) recomputes
-            rate[:] = 0.0
-            return
-        now = self.env.now
-        ids = self._ids[:k]
-        if now >= self._state_until:  # fading block or trace step changed: every flow's state
-            state[:] = self.channel.flow_state(self.direction, ids, now)
-            self._state_until = self.channel.next_change_s(now)
-            if self._band_hz is not None:
-                self._cols[3, :k] = self.channel.efficiency(self.cell, self.direction, state)
-        if self._band_hz is not None:  # (B / K) x each flow's bits/s/Hz, as shared_rates has it
-            np.multiply(self._band_hz / k, self._cols[3, :k], out=rate)
-        else:
-            rate[:] = self.channel.shared_rates(self.cell, self.direction, state)
-        change_at = self._state_until
-        np.maximum(rate, _NO_RATE, out=tmp)
-        np.divide(rem, tmp, out=tmp)  # each flow's time to finish at these rates (s)
-        first = float(tmp.min())
-        if first >= _NEVER_S and math.isinf(change_at):
-            self._end(rate <= 0, ok=False)  # outage that nothing will lift
-            self._notify()
-            return
-        wake_at = now + min(first, change_at - now)
-        if self._wake_at <= wake_at:
-            return  # an earlier wake-up is pending: it will recompute and reschedule
-        self._wake_at = wake_at
-        self.rewake(wake_at)
-
-    def _notify(self) -> None:
-        if self._flows_changed:
-            self._flows_changed = False
-            if self.on_flows_changed is not None:
-                self.on_flows_changed(self)
-
-    def rewake(self, at: float, exact: bool = False) -> None:
-        """A wake-up at ``at`` (a checkpoint restores the pending ones with ``exact``)."""
-        tag, wake = ("wake", self.direction, self.cell, at), (lambda _e: self._wake(at))
-        if exact:
-            self.env.timer_at(at, tag, wake)
-        else:
-            self.env.timer(at - self.env.now, tag, wake)
-
-    def refresh(self) -> None:
-        """A pending end-of-instant recomputation (restored from a checkpoint)."""
-        self._flush_pending = False
-        self._changed()
-
-    def resumed(self, client: int, tag: Tag = NOOP) -> simpy.Event:
-        """The done event of ``client``'s flow restored from a checkpoint."""
-        return self.events[client][0]
-
-    _SCALARS = ("busy_s", "bits_carried", "_t", "_wake_at", "_state_until", "outage",
-                "_flush_pending", "contenders")
-
-    def state(self) -> dict[str, Any]:
-        """The link and its active flows (remaining bits, rate, channel state, size), in the
-        order they joined."""
-        order = self._order()
-        ids = self._ids[: self._k][order].tolist()
-        return {**{k: getattr(self, k) for k in self._SCALARS},
-                "flows_changed": self._flows_changed,
-                "ids": ids, "cols": self._cols[:3, : self._k][:, order].tolist(),
-                "bits": [self.events[c][1] for c in ids]}
-
-    def restore(self, doc: dict[str, Any]) -> None:
-        """Take :meth:`state`'s document; each restored flow gets a new done event, which the
-        update's restored process waits on (:meth:`resumed`)."""
-        for k in self._SCALARS:
-            setattr(self, k, doc[k])
-        self._flows_changed = doc.get("flows_changed", False)
-        k = len(doc["ids"])
-        cap = max(16, k)
-        self._ids, self._cols = np.empty(cap, dtype=np.int64), np.empty((5, cap))
-        self._seq = np.empty(cap, dtype=np.int64)
-        self._ids[:k], self._seq[:k] = doc["ids"], np.arange(k)
-        self._joins = k
-        self._slot = {int(c): i for i, c in enumerate(doc["ids"])}
-        self._band_hz = self.channel.separable_band_hz(self.cell, self.direction)
-        if k:
-            self._cols[:3, :k] = np.array(doc["cols"], dtype=float)
-            if self._band_hz is not None:
-                self._cols[3, :k] = self.channel.efficiency(self.cell, self.direction,
-                                                            self._cols[2, :k])
-        self._k = k
-        self.events = {int(c): (self.env.event(), float(b))
-                       for c, b in zip(doc["ids"], doc["bits"], strict=True)}
-
-
-class WiredLink:
-    """A dedicated wired link (cloud clients): no sharing, a fixed rate."""
-
-    def __init__(self, env: Clock, rate_bps: np.ndarray) -> None:
-        self.env, self.rate_bps = env, rate_bps
-        self.bits_carried = 0.0
-        self.contenders = 0  # counted for symmetry with SharedLink; a wired link is not shared
-        self.ends: dict[int, float] = {}  # client -> when its transfer ends (checkpoints)
-        self.waits: dict[int, simpy.Event] = {}  # restored transfers' timers
-
-    def transfer(self, client: int, nbytes: int, tag: Tag = NOOP) -> simpy.Event:
-        self.bits_carried += 8.0 * nbytes
-        duration_s = 8.0 * nbytes / float(self.rate_bps[client])
-        self.ends[client] = self.env.now + duration_s
-        return self.env.timer(duration_s, tag, value=True)
-
-    def resumed(self, client: int, tag: Tag = NOOP) -> simpy.Event:
-        """A restored transfer: the rest of its time (``restore_wait`` made its timer)."""
-        return self.waits.pop(client, None) or self.env.timer_at(self.ends[client], tag,
-                                                                  value=True)
-
-    def cancel(self, client: int) -> None:
-        """Nothing is shared, so nothing to give back."""
-
-    def estimate_rate_bps(self, client: int, known: ChannelKnowledge | None = None,
-                          index: int = 0) -> float:
-        return float(self.rate_bps[client])  # a wired rate is known exactly
 
 
 class Network:
@@ -718,6 +423,20 @@ class Network:
     def link(self, client: int, direction: str) -> SharedLink | WiredLink:
         cell = int(self.fleet.cell[client])
         return self.wired if cell < 0 else self.cells[direction][cell]
+
+    def holding(self, client: int, direction: str) -> SharedLink | WiredLink:
+        """The link that carries ``client``'s flow in ``direction`` now (it may have handed
+        over to another cell since the flow began)."""
+        for link in self.cells[direction]:
+            if client in link.events:
+                return link
+        return self.wired
+
+    def advance_to(self, t: float) -> None:
+        """Bring the clients that move up to ``t`` (what a channel query at ``t`` does)."""
+        if self.mobility is not None:
+            assert isinstance(self.channel, PathlossChannel)
+            self.channel._sync(t)
 
     def utilization(self, direction: str, sim_time_s: float) -> float:
         links = self.cells[direction]

@@ -148,27 +148,21 @@ def restore(sim: Simulation, state: dict[str, Any], tensors: dict[str, Any]) -> 
                                                  if k.startswith(head)})
     running = sim.policy.in_flight_tickets()
     # The clock: the pending timers again, in their order; then the fault processes restart
-    # (each makes its own timer). A restored update makes its own waits again, and its
-    # dropout and crash timers are bound to its new process; those of updates that ended
-    # fire into nothing, as they would have. Every process started here adds an Initialize
-    # event the original run did not have: the round policy's, each fault process's and each
-    # update's (``added``, with the other events a restore adds).
+    # (each makes its own timer). A restored update's own wait, dropout and crash timers are
+    # bound to its ticket again; those of updates that ended fire into nothing, as they would
+    # have. Every process started here adds an Initialize event the original run did not
+    # have: the round policy's and each fault process's (``added``: the policy's others).
     for t, kind, *rest in state["pending"]:
         live = running.get(rest[0]) if kind in ("update", "dropout", "crash") else None
         if kind in ("wake", "flush"):
             sim.network.restore_timer((kind, *rest))
-        elif kind == "update" and live is not None and live[0].attempt == rest[1]:
-            # Its process waits on it again: made here, in the clock's order.
-            tk = live[0]
-            if tk.phase in ("downlink", "uplink"):  # a wired transfer (shared ones are flows)
-                sim.network.wired.waits[tk.client] = sim.env.timer_at(t, tuple([kind, *rest]),
-                                                                      value=True)
-            else:
-                tk.wake = sim.env.timer_at(t, tuple([kind, *rest]))
+        elif (kind == "update" and live is not None and live.attempt == rest[1]
+              and sim.rewait(live, t, (kind, *rest))):
+            pass  # its own wait, made again in the clock's order
         elif kind == "dropout" and live is not None:
-            sim.schedule_dropout(*live, at=t)
+            sim.schedule_dropout(live, at=t)
         elif kind == "crash" and live is not None:
-            sim.faults.schedule_crash(*live, at=t, attempt=rest[1])
+            sim.faults.schedule_crash(live, at=t, attempt=rest[1])
         elif kind != "fault":
             sim.env.timer_at(t)  # fires into nothing, as it would have
     sim.restore_events = 1 + added + sim.faults.restore(state["faults"])

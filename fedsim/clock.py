@@ -16,9 +16,12 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from heapq import heappush
 from typing import Any
 
 import simpy
+from simpy.core import NORMAL
+from simpy.events import Timeout
 
 Tag = tuple[Any, ...]
 NOOP: Tag = ("noop",)
@@ -29,27 +32,39 @@ class Clock(simpy.Environment):
 
     def __init__(self, initial_time: float = 0.0) -> None:
         super().__init__(initial_time)
-        self.events_processed = 0
+        self._scheduled = 0  # events put on the queue so far
+        self._offset = 0  # events_processed as a resumed run had counted them
         self._ids = itertools.count()
         # Pending timer -> (fires at s, creation number, tag); one bound callback forgets a
         # timer as it fires (a closure per timer cost ~1 us each at 10^5 timers a round).
         self._ledger: dict[simpy.Event, tuple[float, int, Tag]] = {}
         self._forget = self._ledger.pop
 
-    def step(self) -> None:
-        self.events_processed += 1
-        super().step()
+    def schedule(self, event: simpy.Event, priority: int = NORMAL, delay: float = 0) -> None:
+        """SimPy's own, counting: events processed = events scheduled - events still queued
+        (no wrapper around every step)."""
+        self._scheduled += 1
+        heappush(self._queue, (self._now + delay, priority, next(self._eid), event))
+
+    @property
+    def events_processed(self) -> int:
+        return self._offset + self._scheduled - len(self._queue)
+
+    @events_processed.setter
+    def events_processed(self, n: int) -> None:
+        self._offset += n - self.events_processed
 
     def timer(self, delay_s: float, tag: Tag = NOOP,
               callback: Callable[[simpy.Event], None] | None = None,
               value: Any = None) -> simpy.Timeout:
         """A timeout ``delay_s`` from now (succeeding with ``value``), in the ledger until it
         fires; ``callback`` runs when it does (after the ledger forgets it)."""
-        ev = self.timeout(delay_s, value)
-        self._ledger[ev] = (self.now + delay_s, next(self._ids), tag)
-        ev.callbacks.append(self._forget)
-        if callback is not None:
-            ev.callbacks.append(callback)
+        ev = Timeout(self, delay_s, value)  # (not self.timeout: SimPy binds that per access)
+        self._ledger[ev] = (self._now + delay_s, next(self._ids), tag)
+        if callback is None:
+            ev.callbacks.append(self._forget)
+        else:
+            ev.callbacks += (self._forget, callback)
         return ev
 
     def timer_at(self, at_s: float, tag: Tag = NOOP,

@@ -100,10 +100,12 @@ class Energy:
                 out[prof][p] = {"p50": q["p50"], "p95": q["p95"], "total": float(sum(xs))}
         return out
 
-    def client_columns(self, client: int, t: float) -> dict[str, float]:
-        """clients.csv: joules per phase and the final charge (fraction; 1: mains)."""
-        return {**{f"energy_{p}_j": float(self.spent_j[p][client]) for p in PHASES},
-                "battery_charge": float(self.charge(np.array([client]), t)[0])}
+    def client_columns(self, t: float) -> dict[str, list[float]]:
+        """clients.csv, every client: joules per phase and the final charge (fraction; 1:
+        mains)."""
+        every = np.arange(self.fleet.size)
+        return {**{f"energy_{p}_j": self.spent_j[p].tolist() for p in PHASES},
+                "battery_charge": self.charge(every, t).tolist()}
 
     # -- checkpoints ---------------------------------------------------------------------------
 

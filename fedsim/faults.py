@@ -1,9 +1,9 @@
 """Faults of the simulated world (``scenario.faults``), each a keyed Poisson process.
 
-- a client crashes while it works on an update: :meth:`Faults.schedule_crash` interrupts the
-  update's process at an Exp(client_crash_per_h) time keyed by (client, round, try);
+- a client crashes while it works on an update: :meth:`Faults.schedule_crash` stops the
+  update at an Exp(client_crash_per_h) time keyed by (client, round, try);
 - a cell's base station goes down (``link:<cell>``): both of its links stall, then resume;
-- a server worker fails (``server:<worker>``): a preemptive request takes the worker ahead of
+- a server worker fails (``server:<worker>``): a preemptive request takes a worker ahead of
   every update, preempting the one it serves, and holds it for ``server_repair_s``.
 
 Every draw is counter-based, keyed by (unit, n), so a fault's timeline is fixed by the seed.
@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import simpy
 
 from fedsim.channels import DOWNLINK, UPLINK
-from fedsim.ingress import Ingress
 from fedsim.rng import hashed_uniform_one, key
 
 if TYPE_CHECKING:
@@ -41,9 +40,9 @@ class Faults:
 
     # --- client crashes ----------------------------------------------------------------------
 
-    def schedule_crash(self, tk: Ticket, proc: simpy.Process, at: float | None = None,
+    def schedule_crash(self, tk: Ticket, at: float | None = None,
                        attempt: int | None = None) -> None:
-        """Interrupt this try at an Exp(client_crash_per_h) time, unless it is over by then.
+        """Stop this try at an Exp(client_crash_per_h) time, unless it is over by then.
         The draw is keyed by (client, round, try): the same whatever else happens. ``at``
         and ``attempt``: a timer restored from a checkpoint."""
         rate_per_s = self.cfg.client_crash_per_h / 3600.0
@@ -53,8 +52,8 @@ class Faults:
         tag = ("crash", tk.serial, attempt)
 
         def crash(_event: simpy.Event) -> None:
-            if proc.is_alive and not tk.arrived and tk.attempt == attempt:
-                proc.interrupt("crash")
+            if tk.live and tk.attempt == attempt:
+                self.sim.stop(tk, "crash")
 
         if at is None:
             u = hashed_uniform_one(self.crash_key, tk.client, tk.round * 1024 + attempt)
@@ -119,14 +118,15 @@ class Faults:
                     st["until"] = env.now + self._exp_s("server_failure", worker, st["n"],
                                                         3600.0 / f.server_failure_per_h)
                 yield self._until(st["until"])
-            with ingress.resource.request(priority=Ingress.FAILURE, preempt=True) as req:
-                yield req
-                if restored_down:  # back under repair: the grant is not an original event
-                    self.sim.restore_events += 1
-                else:
-                    rec.emit(env.now, -1, -1, "server_down", 0, f"worker={worker}")
-                    st["down"], st["until"] = True, env.now + f.server_repair_s
-                yield self._until(st["until"])
+            granted = ingress.fail_worker()  # ahead of every update, preempting one
+            yield granted
+            if restored_down:  # back under repair: the grant is not an original event
+                self.sim.restore_events += 1
+            else:
+                rec.emit(env.now, -1, -1, "server_down", 0, f"worker={worker}")
+                st["down"], st["until"] = True, env.now + f.server_repair_s
+            yield self._until(st["until"])
+            ingress.release(granted.hold)
             st["down"], st["n"], st["until"] = False, st["n"] + 1, None
             rec.emit(env.now, -1, -1, "server_up", 0, f"worker={worker}")
 

@@ -14,10 +14,11 @@ import csv
 import io
 import json
 from array import array
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -45,7 +46,8 @@ class Recorder:
     def __init__(self, keep_events: bool = True) -> None:
         self.keep_events = keep_events
         self._cols = _empty_columns()
-        self.counts: dict[str, int] = defaultdict(int)
+        self._counts: dict[str, int] = defaultdict(int)
+        self._counted = 0  # kept events already in _counts
         self.latency_s: dict[str, list[float]] = {p: [] for p in PHASES}
         self.rounds: list[dict[str, Any]] = []
         # Bytes that crossed the links (every completed transfer, accepted at ingest or not):
@@ -55,18 +57,47 @@ class Recorder:
         # compression (fp32), so that compression_ratio compares the same updates.
         self.bytes_up_accepted = 0
         self.bytes_up_raw = 0
+        if keep_events:  # counted from the kinds when asked, not at every event
+            self.emit = self._keep  # type: ignore[method-assign]
 
     def emit(self, time_s: float, round_: int, client: int, kind: str, nbytes: int = 0,
              detail: str = "") -> None:
-        self.counts[kind] += 1
-        if self.keep_events:
+        self._counts[kind] += 1
+
+    def _keep(self, time_s: float, round_: int, client: int, kind: str, nbytes: int = 0,
+              detail: str = "") -> None:
+        t, r, c, k, b, d = self._cols
+        t.append(time_s)
+        r.append(round_)
+        c.append(client)
+        k.append(kind)
+        b.append(nbytes)
+        d.append(detail)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Events of each kind so far (0 for a kind never seen)."""
+        kinds = self._cols[3]
+        if self.keep_events and self._counted < len(kinds):
+            for kind, n in Counter(kinds[self._counted:]).items():
+                self._counts[kind] += n
+            self._counted = len(kinds)
+        return self._counts
+
+    def emit_many(self, time_s: float, round_: int, clients: list[int], kind: str,
+                  nbytes: list[int] | None = None, details: list[str] | None = None) -> None:
+        """One event of ``kind`` for each of ``clients`` at one instant (a round's start)."""
+        n = len(clients)
+        if not self.keep_events:
+            self._counts[kind] += n
+        else:
             t, r, c, k, b, d = self._cols
-            t.append(time_s)
-            r.append(round_)
-            c.append(client)
-            k.append(kind)
-            b.append(nbytes)
-            d.append(detail)
+            t.extend([time_s] * n)
+            r.extend([round_] * n)
+            c.extend(clients)
+            k.extend([kind] * n)
+            b.extend(nbytes if nbytes is not None else [0] * n)
+            d.extend(details if details is not None else [""] * n)
 
     _SCALARS = ("bytes_up", "bytes_down", "bytes_up_accepted", "bytes_up_raw")
 
@@ -80,7 +111,8 @@ class Recorder:
         self._cols = _empty_columns()
         for col, values in zip(self._cols, doc["cols"], strict=True):
             col.extend(values)
-        self.counts = defaultdict(int, doc["counts"])
+        self._counts = defaultdict(int, doc["counts"])
+        self._counted = len(self._cols[3])
         self.latency_s = {p: list(v) for p, v in doc["latency_s"].items()}
         self.rounds = [dict(r) for r in doc["rounds"]]
         for k in self._SCALARS:
@@ -111,6 +143,31 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": float(p50), "p95": float(p95), "max": float(a.max()), "count": len(a)}
 
 
+class Rows(Sequence[dict[str, Any]]):
+    """A table kept as equal-length columns and read as rows (dicts), made on demand: a
+    million clients' rows would otherwise cost a dict each."""
+
+    def __init__(self, columns: dict[str, list[Any]]) -> None:
+        self.columns = columns
+        self._n = len(next(iter(columns.values()))) if columns else 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return {k: col[i] for k, col in self.columns.items()}
+
+
 @dataclass
 class RunResult:
     """Everything a run produced, in memory; ``write_run_dir`` puts it on disk."""
@@ -118,12 +175,17 @@ class RunResult:
     scenario_yaml: str
     summary: dict[str, Any]
     recorder: Recorder
-    clients: list[dict[str, Any]] = field(default_factory=list)
+    clients: Sequence[dict[str, Any]] = field(default_factory=list)
     timeseries: list[tuple[float, str, float]] = field(default_factory=list)
 
 
-def _csv(rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...]) -> str:
+def _csv(rows: Sequence[dict[str, Any]], columns: list[str] | tuple[str, ...]) -> str:
     buf = io.StringIO()
+    if isinstance(rows, Rows):  # straight from the columns
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(columns)
+        w.writerows(zip(*(rows.columns.get(c, [""] * len(rows)) for c in columns), strict=True))
+        return buf.getvalue()
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)

@@ -6,8 +6,8 @@
   aggregates every ``buffer_size`` arrivals, each weighted (1 + staleness)^-a.
 
 A policy is a SimPy process (:meth:`RoundPolicy.run`) over a :class:`~fedsim.engine.Simulation`:
-it starts the life of one update per selected client (``Simulation.client_update``) and closes
-rounds with ``Simulation.close_round``.
+it begins the life of one update per selected client (``Simulation.begin``), is told when each
+has ended, and closes rounds with ``Simulation.close_round``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,33 @@ if TYPE_CHECKING:
     from fedsim.engine import Simulation
 
 
+class Cohort:
+    """The updates one round began: ``done`` succeeds once all have ended; ``enough`` (with a
+    ``target``) once that many were accepted, or none is left running."""
+
+    def __init__(self, env: simpy.Environment, size: int, target: int | None = None) -> None:
+        self.left, self.accepted, self.target = size, 0, target
+        self.done = env.event()
+        self.enough = env.event() if target is not None else None
+        if not size:
+            self.done.succeed()
+
+    @property
+    def short(self) -> bool:
+        """Fewer than ``target`` accepted while some are still running."""
+        return self.target is not None and self.accepted < self.target and self.left > 0
+
+    def ended(self, tk: Ticket) -> None:
+        self.left -= 1
+        self.accepted += tk.value is not None
+        if self.enough is not None and not self.enough.triggered and not self.short:
+            self.enough.succeed()
+        if not self.left:
+            self.done.succeed()
+
+
 class RoundPolicy(ABC):
-    """Selects clients, starts their updates and closes rounds (a SimPy process)."""
+    """Selects clients, begins their updates and closes rounds (a SimPy process)."""
 
     name: str
 
@@ -49,21 +74,18 @@ class RoundPolicy(ABC):
         original run did not have."""
         return 0
 
-    def _release(self, req: simpy.Event) -> Generator[simpy.Event, None, None]:
-        """An update that ended at the checkpoint instant gives its worker back, as it did."""
-        yield self.sim.ingress.resource.release(req)
-
-    def in_flight_tickets(self) -> dict[int, tuple[Ticket, simpy.Process]]:
+    def in_flight_tickets(self) -> dict[int, Ticket]:
         """The restored updates still running, by serial."""
         return {}
 
-    def start(self, client: int, round_: int, deadline_at: float | None = None
-              ) -> tuple[Ticket, simpy.Process]:
-        tk = Ticket(client, round_, serial=self.sim.updates_begun)
-        self.sim.updates_begun += 1
-        self.sim.rec.emit(self.sim.env.now, round_, client, "select",
-                          0, self.sim.selector.detail(client))
-        return tk, self.sim.env.process(self.sim.client_update(tk, deadline_at))
+    def open(self, clients: list[int], round_: int) -> list[Ticket]:
+        """A ticket for each of ``clients``' updates in ``round_`` (their ``select`` events)."""
+        sim, first = self.sim, self.sim.updates_begun
+        tickets = [Ticket(c, round_, serial=first + i) for i, c in enumerate(clients)]
+        sim.updates_begun += len(tickets)
+        sim.rec.emit_many(sim.env.now, round_, clients, "select",
+                          details=[sim.selector.detail(c) for c in clients])
+        return tickets
 
 
 @ROUND_POLICIES.register("sync")
@@ -82,49 +104,30 @@ class SyncRounds(RoundPolicy):
             started = env.now
             deadline_at = None if self.deadline_s is None else started + self.deadline_s
             k = self.cfg.clients_per_round
-            running = [self.start(c, r, deadline_at) for c in sim.select(candidates, k, r)]
-            procs = [p for _, p in running]
-            target = sim.selector.target(k)
-            if target is not None:
-                yield from self.first_arrivals(running, target)
-            yield from self.wait(running, deadline_at)
-            arrivals = [p.value for p in procs if p.value is not None]
-            stats = {"selected": len(procs), "arrived": len(arrivals)}
+            tickets = self.open(sim.select(candidates, k, r), r)
+            cohort = Cohort(env, len(tickets), sim.selector.target(k))
+            sim.begin(tickets, deadline_at, cohort.ended)
+            if cohort.target is not None:
+                yield from self.first_arrivals(tickets, cohort)
+            yield from self.wait(tickets, cohort, deadline_at)
+            arrivals = [tk.value for tk in tickets if tk.value is not None]
+            stats = {"selected": len(tickets), "arrived": len(arrivals)}
             yield from sim.close_round(r, started, arrivals, stats)
             sim.at_boundary(r)
 
-    def wait(self, running: list[tuple[Ticket, simpy.Process]], deadline_at: float | None
+    def wait(self, tickets: list[Ticket], cohort: Cohort, deadline_at: float | None
              ) -> Generator[simpy.Event, None, None]:
-        yield self.sim.env.all_of([p for _, p in running])
+        yield cohort.done
 
-    def first_arrivals(self, running: list[tuple[Ticket, simpy.Process]], target: int
+    def first_arrivals(self, tickets: list[Ticket], cohort: Cohort
                        ) -> Generator[simpy.Event, None, None]:
         """Until ``target`` updates are accepted (or none is left running), then stop the
         updates still short of their upload's end (``over_selected``); those past it are
-        ingested and aggregated, as at a deadline (a deadline still applies meanwhile)."""
-        env = self.sim.env
-        # One callback per update, counting as they end (an any_of over the ones still alive
-        # after every arrival would cost O(k) per arrival: O(k²) a round, minutes at k = 2,600).
-        enough = env.event()
-        count = {"accepted": 0, "alive": 0}
-
-        def ended(p: simpy.Process) -> None:
-            count["alive"] -= 1
-            count["accepted"] += p.ok and p.value is not None
-            if not enough.triggered and (count["accepted"] >= target or not count["alive"]):
-                enough.succeed()
-
-        for _, p in running:
-            if p.is_alive:
-                count["alive"] += 1
-                p.callbacks.append(ended)
-            else:
-                count["accepted"] += p.ok and p.value is not None
-        if count["accepted"] < target and count["alive"]:
-            yield enough
-        for tk, p in running:
-            if p.is_alive and not tk.arrived:
-                p.interrupt("over_selected")
+        ingested and aggregated, as at a deadline."""
+        if cohort.short:
+            yield cohort.enough
+        for tk in tickets:
+            self.sim.stop(tk, "over_selected")  # (only those still live)
 
 
 @ROUND_POLICIES.register("deadline")
@@ -138,17 +141,15 @@ class DeadlineRounds(SyncRounds):
         super().__init__(sim)
         self.deadline_s = self.cfg.deadline_s
 
-    def wait(self, running: list[tuple[Ticket, simpy.Process]], deadline_at: float | None
+    def wait(self, tickets: list[Ticket], cohort: Cohort, deadline_at: float | None
              ) -> Generator[simpy.Event, None, None]:
         env = self.sim.env
-        procs = [p for _, p in running]
         left_s = max((deadline_at if deadline_at is not None else env.now) - env.now, 0.0)
         timer = env.timer(left_s)  # may outlive the round, firing into nothing
-        yield env.all_of(procs) | timer
-        for tk, p in running:
-            if p.is_alive and not tk.arrived:
-                p.interrupt("deadline_miss")
-        yield env.all_of(procs)
+        yield cohort.done | timer
+        for tk in tickets:
+            self.sim.stop(tk, "deadline_miss")  # (only those still live)
+        yield cohort.done
 
 
 @ROUND_POLICIES.register("async")
@@ -164,10 +165,11 @@ class AsyncBuffered(RoundPolicy):
         super().__init__(sim)
         self.version, self.buffer, self.started = 0, [], 0.0
         self.stats = {"selected": 0, "arrived": 0}
-        self.in_flight: dict[simpy.Event, Ticket] = {}
+        self.in_flight: dict[Ticket, None] = {}  # in the order they began
+        self.ended = 0  # of those, how many have ended (not yet taken out by the loop)
+        self._woken: simpy.Event | None = None  # the loop waits for an update's end
         self.resumed = False
         self.depleted = False  # every client's battery ran out: the run ends early
-        self._running: dict[int, tuple[Ticket, simpy.Process]] = {}  # restored, by serial
 
     def run(self) -> Generator[simpy.Event, None, None]:
         sim, env, cfg = self.sim, self.sim.env, self.cfg
@@ -184,30 +186,41 @@ class AsyncBuffered(RoundPolicy):
                 self.version, self.started = self.version + 1, env.now
                 self.stats = {"selected": 0, "arrived": 0}
                 sim.at_boundary(self.version - 1)
-        for p, tk in self.in_flight.items():
-            if not p.triggered and not tk.arrived:
-                p.interrupt("cancelled")
+        for tk in self.in_flight:
+            sim.stop(tk, "cancelled")  # (only those still live)
+
+    def _ended(self, tk: Ticket) -> None:
+        self.ended += 1
+        if self._woken is not None and not self._woken.triggered:
+            self._woken.succeed()
 
     def _gather(self) -> Generator[simpy.Event, None, None]:
         """Top up to ``concurrency`` updates in flight, wait for one to end, buffer arrivals."""
         sim, env, cfg, in_flight = self.sim, self.sim.env, self.cfg, self.in_flight
-        busy = {tk.client for tk in in_flight.values()}
+        busy = {tk.client for tk in in_flight}
         free = [c for c in sim.available() if int(c) not in busy]
         need = cfg.concurrency - len(in_flight)
-        for c in sim.select(np.array(free, dtype=np.int64), need, self.version) if need > 0 else []:
-            tk, p = self.start(c, self.version)
-            in_flight[p] = tk
+        chosen = sim.select(np.array(free, dtype=np.int64), need, self.version) if need > 0 \
+            else []
+        tickets = self.open(list(chosen), self.version)
+        for tk in tickets:
+            in_flight[tk] = None
             self.stats["selected"] += 1
+        sim.begin(tickets, None, self._ended)
         if not in_flight:
             if not len((yield from sim.wait_for_clients())):  # every battery is flat
                 sim.rec.emit(env.now, self.version, -1, "fleet_depleted")
                 self.depleted = True
             return
-        yield env.any_of(list(in_flight))
-        for p in [p for p in in_flight if p.triggered]:
-            tk = in_flight.pop(p)
-            if p.value is not None:
-                arrival = p.value
+        if not self.ended:
+            self._woken = env.event()
+            yield self._woken
+            self._woken = None
+        for tk in [tk for tk in in_flight if tk.ended]:
+            del in_flight[tk]
+            self.ended -= 1
+            if tk.value is not None:
+                arrival = tk.value
                 arrival.staleness = self.version - tk.round
                 arrival.weight = (1.0 + arrival.staleness) ** -cfg.staleness_exponent
                 sim.rec.emit(env.now, self.version, tk.client, "buffered", 0,
@@ -218,7 +231,7 @@ class AsyncBuffered(RoundPolicy):
     # --- snapshot protocol: the updates in flight go along ----------------------------------
 
     _TICKET = ("client", "round", "serial", "arrived", "phase", "attempt", "started_s", "until_s",
-               "nbytes", "queued_s", "queued_seq", "wait_s", "num_samples")
+               "nbytes", "queued_s", "queued_seq", "wait_s", "asked_s", "num_samples")
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         wl, tensors = self.sim.workload, {}
@@ -236,16 +249,12 @@ class AsyncBuffered(RoundPolicy):
                     "upload": upload(a.upload, key)}
 
         flights = []
-        for i, (p, tk) in enumerate(self.in_flight.items()):
+        for i, tk in enumerate(self.in_flight):
             doc = {k: getattr(tk, k) for k in self._TICKET}
             doc["upload"] = upload(tk.upload, f"flight/{i}")
-            doc["ended"] = p.triggered  # ended, not yet taken out by the loop
-            # Ended this instant: its end is an event still to be processed (and counted) and,
-            # if it was served, its worker's release too (the queue behind it is served when
-            # that release is processed).
-            doc["unprocessed"] = p.triggered and not p.processed
-            doc["value"] = (arrival(p.value, f"flight/{i}/value")
-                            if p.triggered and p.value is not None else None)
+            doc["ended"] = tk.ended  # ended, not yet taken out by the loop
+            doc["value"] = (arrival(tk.value, f"flight/{i}/value")
+                            if tk.ended and tk.value is not None else None)
             flights.append(doc)
         doc = {"version": self.version, "started": self.started, "stats": self.stats,
                "buffer": [arrival(a, f"buffer/{i}") for i, a in enumerate(self.buffer)],
@@ -264,54 +273,32 @@ class AsyncBuffered(RoundPolicy):
                        upload=up)
 
     def restore(self, state: dict[str, Any], tensors: dict[str, Any]) -> int:
-        sim, env, wl, ing = self.sim, self.sim.env, self.sim.workload, self.sim.ingress
+        sim, wl = self.sim, self.sim.workload
         self.version, self.started = state["version"], state["started"]
         self.stats = dict(state["stats"])
         self.buffer = [self._arrival(a, tensors, f"buffer/{i}")
                        for i, a in enumerate(state["buffer"])]
-        self.resumed, added = True, 0
-        # Served ones first: they hold the workers again before the queued ones ask.
-        rank = {"service": 0, "queue": 1}  # then the queue in its order, then the others
-        order = sorted(range(len(state["in_flight"])), key=lambda i: (
-            rank.get(state["in_flight"][i]["phase"], 2), state["in_flight"][i]["queued_seq"], i))
-        made: dict[int, tuple[Ticket, simpy.Event]] = {}
-        # Updates that had ended (not yet taken out by the loop): events that have happened,
-        # processed here first (before anything else is on the clock), as they had been.
-        ended = [i for i in order if state["in_flight"][i]["ended"]]
-        for i in ended:
-            doc = state["in_flight"][i]
-            value = (self._arrival(doc["value"], tensors, f"flight/{i}/value")
-                     if doc["value"] is not None else None)
-            made[i] = (Ticket(**{k: doc[k] for k in self._TICKET}), env.event().succeed(value))
-        for _ in ended:
-            env.step()  # (the restore sets the event count afterwards)
-        unprocessed = [i for i in ended if state["in_flight"][i]["unprocessed"]]
-        added -= len(unprocessed)  # the original run processed (and counted) them after
-        holds = [ing.resource.request(priority=ing.UPDATE, preempt=False) for i in unprocessed
-                 if state["in_flight"][i]["phase"] == "service"]
-        for i in order:
-            if i in made:
-                continue
-            doc = state["in_flight"][i]
-            tk = Ticket(**{k: doc[k] for k in self._TICKET})
+        self.resumed = True
+        docs = state["in_flight"]
+        tickets = []
+        for i, doc in enumerate(docs):
+            tk = Ticket(**{k: doc.get(k) for k in self._TICKET})
             if doc["upload"] is not None:
                 tk.upload = wl.restore_upload(doc["upload"], tensors, f"flight/{i}")
-            if doc["phase"] == "service" and not doc["ended"]:  # it holds its worker again
-                tk.request = ing.resource.request(priority=ing.UPDATE, preempt=False)
-            ev = env.process(sim.client_update(tk, None, resumed=True))
-            added += 1 if doc["phase"] != "service" else 2  # + the worker granted again
-            made[i] = (tk, ev)
-        for req in holds:  # after the queued updates asked again: they get it when it lands
-            env.process(self._release(req))
-            added += 3  # the worker granted again, the process's start and its end
-        self.in_flight = {made[i][1]: made[i][0] for i in range(len(made))}
-        self._running = {tk.serial: (tk, ev) for tk, ev in made.values()
-                         if isinstance(ev, simpy.Process)}
-        return added
+            if doc["ended"]:
+                tk.ended = True
+                tk.value = (self._arrival(doc["value"], tensors, f"flight/{i}/value")
+                            if doc["value"] is not None else None)
+            tickets.append(tk)
+        self.in_flight = dict.fromkeys(tickets)
+        self.ended = sum(tk.ended for tk in tickets)
+        # Served ones first: they hold their workers again before the queued ones take their
+        # places in the queue, in the order they had reached it; then the others.
+        rank = {"service": 0, "queue": 1}
+        for tk in sorted((tk for tk in tickets if not tk.ended),
+                         key=lambda tk: (rank.get(tk.phase, 2), tk.queued_seq)):
+            sim.resume(tk, self._ended)
+        return 0
 
-    def _release(self, req: simpy.Event) -> Generator[simpy.Event, None, None]:
-        """An update that ended at the checkpoint instant gives its worker back, as it did."""
-        yield self.sim.ingress.resource.release(req)
-
-    def in_flight_tickets(self) -> dict[int, tuple[Ticket, simpy.Process]]:
-        return self._running
+    def in_flight_tickets(self) -> dict[int, Ticket]:
+        return {tk.serial: tk for tk in self.in_flight if not tk.ended}

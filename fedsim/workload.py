@@ -130,6 +130,8 @@ class Workload(ABC):
     """What the engine asks of the ML side; see the module docstring."""
 
     name: str
+    # Whether ``encode`` reads its ``rate_bps`` (the engine estimates the uplink only then).
+    reads_rate = True
 
     def __init__(self, scenario: Scenario, fleet: Fleet) -> None:
         self.scenario, self.fleet = scenario, fleet
@@ -205,11 +207,19 @@ class SyntheticWorkload(Workload):
     """Network-study mode: every update is ``update_bytes`` and costs ``flops_per_step`` each of
     ``training.local_steps`` steps; no model, no data, no encoding."""
 
+    reads_rate = False  # its sizes are fixed
+
     def __init__(self, scenario: Scenario, fleet: Fleet) -> None:
         super().__init__(scenario, fleet)
-        self.cfg = scenario.workload
+        self.cfg = cfg = scenario.workload
         self.steps = scenario.training.local_steps
         self.batch = scenario.training.batch_size
+        # The same for every client and round (frozen): made once, not a million times.
+        self._plan = JobPlan(flops=cfg.flops_per_step * self.steps, peak_memory_bytes=0,
+                             num_samples=self.steps * self.batch)
+        self._upload = Upload(nbytes=cfg.update_bytes, raw_bytes=cfg.update_bytes,
+                              codec="synthetic")
+        self._ingested = Ingested(flops=cfg.server_flops_per_update, accepted=True)
 
     def download_bytes(self, client: int) -> int:
         return self.cfg.download_bytes
@@ -221,19 +231,17 @@ class SyntheticWorkload(Workload):
         return self.cfg.update_bytes
 
     def plan(self, client: int, round_: int) -> JobPlan:
-        return JobPlan(flops=self.cfg.flops_per_step * self.steps, peak_memory_bytes=0,
-                       num_samples=self.steps * self.batch)
+        return self._plan
 
     def train(self, client: int, round_: int, plan: JobPlan) -> None:
         return None
 
-    def encode(self, client: int, round_: int, update: Any, rate_bps: float,
+    def encode(self, client: int, round_: int, update: Any, rate_bps: float | None,
                time_left_s: float | None) -> Upload:
-        n = self.cfg.update_bytes
-        return Upload(nbytes=n, raw_bytes=n, codec="synthetic")
+        return self._upload
 
     def ingest(self, client: int, upload: Upload) -> Ingested:
-        return Ingested(flops=self.cfg.server_flops_per_update, accepted=True)
+        return self._ingested
 
     def aggregate(self, round_: int, arrivals: list[Arrival]) -> float:
         return self.cfg.server_flops_per_update * 0.01 * len(arrivals)  # a weighted sum

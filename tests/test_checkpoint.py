@@ -123,10 +123,10 @@ def test_async_run_resumes_identically_with_updates_in_flight(tmp_path):
     assert all(faults.values()), faults  # their timers were restored too
 
 
-def test_async_checkpoint_at_a_worker_release_resumes_identically(tmp_path):
-    """A checkpoint at the very instant an update's service ended: its worker's release is
-    still on the clock, and the update queued behind it starts only when that release is
-    processed (after what the policy does at that instant), as in the uninterrupted run."""
+def test_async_checkpoint_with_ended_updates_not_yet_taken_resumes_identically(tmp_path):
+    """Updates that ended while the server aggregated (their service over, their workers
+    given to the updates queued behind them) are in the checkpoint as ended, not yet taken
+    by the policy's loop: resumed, the loop takes them as the uninterrupted run did."""
     doc = SYNTHETIC.replace("rounds: 6", "rounds: 2").replace(
         "clients:\n", "clients:\n  - {profile: mobile, count: 3000}\n").replace(
         "name: deadline, deadline_s: 15, clients_per_round: 14",
@@ -136,8 +136,9 @@ def test_async_checkpoint_at_a_worker_release_resumes_identically(tmp_path):
     path.write_text(doc)
     assert _resume_from_each(load(path), tmp_path) == 1
     state = json.loads((checkpoint.latest(tmp_path / "full") / checkpoint.STATE).read_text())
-    assert any(f["unprocessed"] and f["phase"] == "service"
-               for f in state["policy"]["in_flight"])
+    flights = state["policy"]["in_flight"]
+    assert any(f["ended"] and f["phase"] == "service" for f in flights)
+    assert any(not f["ended"] and f["phase"] == "queue" for f in flights)
 
 
 def test_async_real_run_resumes_identically(tmp_path):

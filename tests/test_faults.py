@@ -96,10 +96,11 @@ def test_a_failing_worker_preempts_the_update_it_serves(requeue):
 
     def failure():
         yield env.timeout(4.0)
-        with server.resource.request(priority=Server.FAILURE, preempt=True) as req:
-            yield req
-            log.append(("down", env.now))
-            yield env.timeout(3.0)
+        granted = server.fail_worker()
+        yield granted
+        log.append(("down", env.now))
+        yield env.timeout(3.0)
+        server.release(granted.hold)
         log.append(("up", env.now))
 
     env.process(update())
