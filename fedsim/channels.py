@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import simpy
 
-from fedsim.clock import Clock
+from fedsim.clock import NOOP, Clock, Tag
 from fedsim.devices import Fleet
 from fedsim.errors import FedsimError
 from fedsim.estimation import ChannelKnowledge
 from fedsim.interference import Interference
-from fedsim.links import SharedLink, WiredLink
+from fedsim.links import OnEnd, SharedLink
 from fedsim.mobility import Mobility
 from fedsim.plugins import CHANNELS, ChannelConfig
 from fedsim.rng import hashed_exponential, hashed_uniform_one, stream
@@ -104,6 +105,12 @@ class Channel(ABC):
     def efficiency(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
         """Bits/s/Hz of each flow of ``state`` (0 in outage), where separable."""
         raise NotImplementedError
+
+    def subband_law(self, cell: int, direction: str) -> tuple[float, float] | None:
+        """(B, outage SNR) when a flow among K gets (B / K) log2(1 + K x its state) bits/s
+        and none below that SNR (an OFDMA uplink: its power on B / K Hz), else None. A link
+        then serves its flows by ``fedsim.subbands``' windows."""
+        return None
 
     def efficiency_one(self, cell: int, direction: str, state: float) -> float:
         """:meth:`efficiency` of one flow."""
@@ -260,6 +267,12 @@ class PathlossChannel(Channel):
         return c.uplink_bandwidth_hz if c.sharing == "tdma" and self.interference is None \
             else None
 
+    def subband_law(self, cell: int, direction: str) -> tuple[float, float] | None:
+        c = self.cells[cell]
+        if direction != UPLINK or c.sharing != "ofdma" or self.interference is not None:
+            return None  # (with interference, the neighbours' flows change the SINR too)
+        return c.uplink_bandwidth_hz, self._outage_lin
+
     def efficiency(self, cell: int, direction: str, state: np.ndarray) -> np.ndarray:
         eff = np.log2(1.0 + state)  # the expression of shared_rates: the same bits
         eff[state < self._outage_lin] = 0.0
@@ -350,6 +363,50 @@ def read_trace(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray
 def make_channel(cfg: ChannelConfig, cells: list[CellConfig], fleet: Fleet,
                  rng: np.random.Generator) -> Channel:
     return CHANNELS.get(cfg.name)(cfg, cells, fleet, rng)
+
+
+class WiredLink:
+    """A dedicated wired link (cloud clients): no sharing, a fixed rate."""
+
+    def __init__(self, env: Clock, rate_bps: np.ndarray) -> None:
+        self.env, self.rate_bps = env, rate_bps
+        self.bits_carried = 0.0
+        self.contenders = 0  # counted for symmetry with SharedLink; a wired link is not shared
+        self.ends: dict[int, float] = {}  # client -> when its transfer ends (checkpoints)
+        self._pending: dict[int, simpy.Event] = {}  # client -> its transfer's timer
+
+    def transfer(self, client: int, nbytes: int, tag: Tag = NOOP,
+                 on_end: OnEnd | None = None) -> simpy.Event | None:
+        self.bits_carried += 8.0 * nbytes
+        duration_s = 8.0 * nbytes / float(self.rate_bps[client])
+        self.ends[client] = self.env.now + duration_s
+        if on_end is None:
+            return self.env.timer(duration_s, tag, value=True)
+        self._start(client, self.env.timer(duration_s, tag), on_end)
+        return None
+
+    def _start(self, client: int, timer: simpy.Event, on_end: OnEnd) -> None:
+        self._pending[client] = timer
+
+        def done(ev: simpy.Event) -> None:
+            if self._pending.get(client) is ev:
+                del self._pending[client]
+                on_end(True)
+
+        timer.callbacks.append(done)
+
+    def resume(self, client: int, tag: Tag, on_end: OnEnd) -> None:
+        """A restored transfer: the rest of its time, on a timer made now, in the clock's
+        order (see ``fedsim.checkpoint``)."""
+        self._start(client, self.env.timer_at(self.ends[client], tag), on_end)
+
+    def cancel(self, client: int) -> None:
+        """Nothing is shared, so nothing to give back; its owner is no longer told."""
+        self._pending.pop(client, None)
+
+    def estimate_rate_bps(self, client: int, known: ChannelKnowledge | None = None,
+                          index: int = 0) -> float:
+        return float(self.rate_bps[client])  # a wired rate is known exactly
 
 
 class Network:

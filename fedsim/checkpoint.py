@@ -157,10 +157,10 @@ def restore(sim: Simulation, state: dict[str, Any], tensors: dict[str, Any]) -> 
         if kind in ("wake", "flush"):
             sim.network.restore_timer((kind, *rest))
         elif (kind == "update" and live is not None and live.attempt == rest[1]
-              and sim.rewait(live, t, (kind, *rest))):
+              and sim.updates.rewait(live, t, (kind, *rest))):
             pass  # its own wait, made again in the clock's order
         elif kind == "dropout" and live is not None:
-            sim.schedule_dropout(live, at=t)
+            sim.updates.schedule_dropout(live, at=t)
         elif kind == "crash" and live is not None:
             sim.faults.schedule_crash(live, at=t, attempt=rest[1])
         elif kind != "fault":

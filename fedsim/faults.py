@@ -23,7 +23,8 @@ from fedsim.channels import DOWNLINK, UPLINK
 from fedsim.rng import hashed_uniform_one, key
 
 if TYPE_CHECKING:
-    from fedsim.engine import Simulation, Ticket
+    from fedsim.engine import Simulation
+    from fedsim.updates import Ticket
 
 FAULT_TIMER = ("fault",)  # restored by restarting its process from its state, not by the clock
 
@@ -53,7 +54,7 @@ class Faults:
 
         def crash(_event: simpy.Event) -> None:
             if tk.live and tk.attempt == attempt:
-                self.sim.stop(tk, "crash")
+                self.sim.updates.stop(tk, "crash")
 
         if at is None:
             u = hashed_uniform_one(self.crash_key, tk.client, tk.round * 1024 + attempt)

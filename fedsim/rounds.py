@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import simpy
 
-from fedsim.engine import Ticket
 from fedsim.plugins import ROUND_POLICIES
+from fedsim.updates import Ticket
 from fedsim.workload import Arrival
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class SyncRounds(RoundPolicy):
             k = self.cfg.clients_per_round
             tickets = self.open(sim.select(candidates, k, r), r)
             cohort = Cohort(env, len(tickets), sim.selector.target(k))
-            sim.begin(tickets, deadline_at, cohort.ended)
+            sim.updates.begin(tickets, deadline_at, cohort.ended)
             if cohort.target is not None:
                 yield from self.first_arrivals(tickets, cohort)
             yield from self.wait(tickets, cohort, deadline_at)
@@ -127,7 +127,7 @@ class SyncRounds(RoundPolicy):
         if cohort.short:
             yield cohort.enough
         for tk in tickets:
-            self.sim.stop(tk, "over_selected")  # (only those still live)
+            self.sim.updates.stop(tk, "over_selected")  # (only those still live)
 
 
 @ROUND_POLICIES.register("deadline")
@@ -148,7 +148,7 @@ class DeadlineRounds(SyncRounds):
         timer = env.timer(left_s)  # may outlive the round, firing into nothing
         yield cohort.done | timer
         for tk in tickets:
-            self.sim.stop(tk, "deadline_miss")  # (only those still live)
+            self.sim.updates.stop(tk, "deadline_miss")  # (only those still live)
         yield cohort.done
 
 
@@ -187,7 +187,7 @@ class AsyncBuffered(RoundPolicy):
                 self.stats = {"selected": 0, "arrived": 0}
                 sim.at_boundary(self.version - 1)
         for tk in self.in_flight:
-            sim.stop(tk, "cancelled")  # (only those still live)
+            sim.updates.stop(tk, "cancelled")  # (only those still live)
 
     def _ended(self, tk: Ticket) -> None:
         self.ended += 1
@@ -206,7 +206,7 @@ class AsyncBuffered(RoundPolicy):
         for tk in tickets:
             in_flight[tk] = None
             self.stats["selected"] += 1
-        sim.begin(tickets, None, self._ended)
+        sim.updates.begin(tickets, None, self._ended)
         if not in_flight:
             if not len((yield from sim.wait_for_clients())):  # every battery is flat
                 sim.rec.emit(env.now, self.version, -1, "fleet_depleted")
@@ -297,7 +297,7 @@ class AsyncBuffered(RoundPolicy):
         rank = {"service": 0, "queue": 1}
         for tk in sorted((tk for tk in tickets if not tk.ended),
                          key=lambda tk: (rank.get(tk.phase, 2), tk.queued_seq)):
-            sim.resume(tk, self._ended)
+            sim.updates.resume(tk, self._ended)
         return 0
 
     def in_flight_tickets(self) -> dict[int, Ticket]:

@@ -248,3 +248,30 @@ def test_network_only_two_rounds_give_the_recorded_summary():
     root = Path(__file__).resolve().parent.parent
     sc = load(root / "scenarios" / "network-only.yaml", ["rounds=2", "seed=1"])
     assert_same_summary(Simulation(sc).run().summary, GOLDEN / "network-only-2r-s1.json")
+
+
+def test_the_ingress_keeps_simpys_preemption_rules():
+    """A failing worker takes the worker of the update that asked last (the largest key, as
+    SimPy's PreemptiveResource); the preempted one, asking again, queues behind those that
+    asked before it; releases serve the queue in the order asked."""
+    env = Clock()
+    server = Server(env, workers=2, queue_capacity=10)
+    log = []
+
+    def ask(name):
+        return server.request(lambda: log.append(("granted", name, env.now)),
+                              lambda: log.append(("preempted", name, env.now)))
+
+    holds = {"a": ask("a")}
+    env.run(until=1.0)
+    holds["b"] = ask("b")  # both workers busy now
+    env.run(until=2.0)
+    holds["c"] = ask("c")  # queued
+    failing = server.fail_worker()  # takes b's worker (b asked after a)
+    assert failing.triggered and server.queued == 1
+    assert log[-1] == ("preempted", "b", 2.0)
+    holds["b"] = ask("b")  # asks again: behind c
+    server.release(holds["a"])
+    server.release(failing.hold)
+    assert [e[1] for e in log if e[0] == "granted"] == ["a", "b", "c", "b"]
+    assert server.queued == 0 and len(server.users) == 2
