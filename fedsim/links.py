@@ -235,10 +235,11 @@ class SharedLink(subbands.Windowed):
                 heapq.heappush(self._heap, (tgt, seq, client))
             self._reschedule()  # O(1): no recomputation to batch
             return done
-        if self._win is not None:
+        if self._win is not None:  # O(N): settled now, not at the end of the instant
             self._join_window(k, client, seq, bits, state)
-        else:
-            cols[_REM, k], cols[_RATE, k] = bits, 0.0
+            self._settle()
+            return done
+        cols[_REM, k], cols[_RATE, k] = bits, 0.0
         self._changed()
         return done
 

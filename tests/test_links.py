@@ -128,3 +128,27 @@ def test_a_heap_of_32_serves_thousands_of_flows(scenario_factory):
     assert times == sorted(times)
     eff = ch.efficiency(0, DOWNLINK, ch.flow_state(DOWNLINK, np.arange(N), 0.0))
     assert [c for _, c, _ in ends] == sorted(range(N), key=lambda c: (-eff[c], c))
+
+
+def test_k_equal_flows_on_an_ofdma_window_take_the_closed_form(scenario_factory):
+    """100 flows of one SNR on an OFDMA uplink, served by a window: all end together at
+    8 n / ((B / K) log2(1 + K s)) (the closed form of test_channels' K equal flows)."""
+    import math
+
+    k, bw, n = 100, 20e6, 200_000
+    sc = scenario_factory(
+        clients=[{"profile": "mobile", "count": k, "overrides": {"distance_m": [300, 300]}}],
+        network__channel={"name": "pathloss", "shadowing_sigma_db": 0, "fading": False},
+        network__cells=[{"uplink_bandwidth_hz": bw, "sharing": "ofdma"}])
+    env, _, ch = _world(sc)
+    link = SharedLink(env, ch, 0, UPLINK)
+    ends = []
+    link.transfer_many(list(range(k)), [n] * k,
+                       [lambda ok, c=c: ends.append((env.now, ok)) for c in range(k)])
+    env.run(until=1e-12)
+    assert link._win is not None and link._win.k0 == k
+    env.run()
+    snr = 10 ** (ch.snr_db[UPLINK][0] / 10)
+    expected = 8 * n / ((bw / k) * math.log2(1 + k * snr))
+    assert len(ends) == k and all(ok for _, ok in ends)
+    assert all(t == pytest.approx(expected, rel=1e-12) for t, _ in ends)
