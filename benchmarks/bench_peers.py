@@ -212,7 +212,8 @@ def main() -> None:
                 sel = tmp / "selected.json"
                 sel.write_text(json.dumps(next(iter(out.values()))["selected"]))
             out[name] = r = run_peer(name, doc_path, tmp, args, sel)
-            print(f"{name:8s} start-up {r['startup_s']:6.1f} s, rounds "
+            print(f"{name:8s} start-up {r['startup_s']:6.1f} s ({r['marks'][0] - r['started']:.1f} "
+                  "s to the first job), rounds "
                   + ", ".join(f"{s:.1f}" for s in r["rounds_s"]) + " s", flush=True)
     first = next(iter(out.values()))
     same = {n: agree(r["loss"], first["loss"]) for n, r in out.items()}

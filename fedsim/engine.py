@@ -57,8 +57,10 @@ class Simulation:
         self.availability = Availability(self.fleet, key(scenario.seed, "availability"))
         self.select_rng = stream(scenario.seed, "selection")
         self.rec = Recorder(keep_events=scenario.output.events)
-        self.workload = workload or make_workload(scenario, self.fleet)
+        # the executor first: a process pool's server process imports torch while this one
+        # builds the workload
         self.executor = executor or make_executor(scenario.executor)
+        self.workload = workload or make_workload(scenario, self.fleet)
         self.policy = ROUND_POLICIES.get(scenario.round_policy.name)(self)
         self.selector = make_selector(scenario.selection, self)
         # What a client knows of its uplink when the adaptive codec picks its payload (the

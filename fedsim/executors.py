@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import resource
 import sys
@@ -121,26 +122,95 @@ class _LazyJob(Job):
         return self._fn(*self._args)
 
 
+class _GroupedJob(Job):
+    """A training job the inline executor may run in one batched pass with others of its
+    family: when the first of them is collected (so a dropped job that nobody collected
+    before never runs)."""
+
+    def __init__(self, executor: InlineExecutor, workload: Workload, key: Any,
+                 args: tuple[int, int, JobPlan]) -> None:
+        self.executor, self.workload, self.key, self.args = executor, workload, key, args
+        self.done, self.value = False, None
+
+    def result(self) -> Any:
+        if not self.done:
+            self.executor._run_group(self)
+        return self.value
+
+    def cancel(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.executor.pending.remove(self)
+
+
 @EXECUTORS.register("inline")
 class InlineExecutor(Executor):
-    """Runs a job in this process when its result is collected (a dropped job never runs)."""
+    """Runs a job in this process when its result is collected (a dropped job never runs);
+    with ``batch_clients > 1``, together with the other jobs of its family submitted by
+    then (fedsim.batching)."""
+
+    def __init__(self, cfg: ExecutorConfig) -> None:
+        super().__init__(cfg)
+        self.batch_clients = getattr(cfg, "batch_clients", 1)
+        self.pending: list[_GroupedJob] = []  # submitted, not yet run, in submission order
+        self.groups: list[int] = []  # the size of each batched pass run
 
     def submit_train(self, workload: Workload, client: int, round_: int, plan: JobPlan) -> Job:
-        return _LazyJob(workload.train, (client, round_, plan))
+        key = workload.batch_key(client) if self.batch_clients > 1 else None
+        if key is None:
+            return _LazyJob(workload.train, (client, round_, plan))
+        job = _GroupedJob(self, workload, key, (client, round_, plan))
+        self.pending.append(job)
+        return job
+
+    def _run_group(self, job: _GroupedJob) -> None:
+        """``job`` and the earliest pending jobs of its family, up to ``batch_clients``."""
+        others = [j for j in self.pending if j is not job and j.key == job.key
+                  and j.workload is job.workload]
+        group = [job, *others[: self.batch_clients - 1]]
+        for j in group:
+            with contextlib.suppress(ValueError):
+                self.pending.remove(j)
+        results = job.workload.train_many([j.args for j in group])
+        for j, value in zip(group, results, strict=True):
+            j.value, j.done = value, True
+        self.groups.append(len(group))
 
     def submit(self, job: RemoteJob) -> Job:
         cache = WorkerCache()
         return _LazyJob(job.run, (cache,))
 
 
-# --- process: a local pool of spawned workers ---------------------------------------------------
+# --- process: a local pool of workers forked from a server process ------------------------------
+
+# What the workers' server process imports once (multiprocessing's forkserver): a worker forks
+# from it with torch, transformers and peft in place — up without importing them again, their
+# pages shared with its siblings, so the pool's memory (PSS) holds them once. Not a plain fork
+# of this process: it holds torch/OpenMP threads that a forked child would inherit in a locked
+# state; the server process only imports, it never runs a torch op.
+_PRELOAD = ("torch", "transformers", "peft", "fedsim.federation")
+
+
+def _forkserver() -> multiprocessing.context.BaseContext:
+    """The forkserver context, its server started now (its imports overlap what this process
+    does next, loading models)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(_PRELOAD))
+    multiprocessing.forkserver.ensure_running()
+    return ctx
+
 
 _CACHE: WorkerCache | None = None  # the worker process's cache (set by _init_worker)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, environ: dict[str, str] | None = None) -> None:
     global _CACHE
     import torch  # a worker exists to run torch jobs; pin its share of the cores
+
+    # the environment of this process when the pool started (FEDSIM_CACHE, HF_HUB_OFFLINE...),
+    # as a spawned worker would have it, not the server process's from its own start
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
 
     torch.set_num_threads(threads)
     _CACHE = WorkerCache()
@@ -214,23 +284,22 @@ class _Slot:
 
 @EXECUTORS.register("process")
 class ProcessExecutor(Executor):
-    """``workers`` spawned processes on this machine, each with ``threads_per_job`` torch
-    threads and its own cache of base models; a job goes to the worker with the fewest jobs
-    queued."""
+    """``workers`` processes on this machine (forked from a server process that has imported
+    torch once), each with ``threads_per_job`` torch threads and its own cache of base models;
+    a job goes to the worker with the fewest jobs queued."""
 
     def __init__(self, cfg: ExecutorConfig) -> None:
         super().__init__(cfg)
         self.threads = cfg.threads_per_job
         self.slots = [_Slot() for _ in range(cfg.workers)]
+        self._ctx = _forkserver()
 
     def _submit(self, job: _PoolJob) -> tuple[_Slot, int, Future]:
         slot = min(self.slots, key=_Slot.load)
         if slot.pool is None:
-            # spawn, not fork: this process holds torch/OpenMP threads that a forked child
-            # would inherit in a locked state.
-            slot.pool = ProcessPoolExecutor(max_workers=1,
-                                            mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init_worker, initargs=(self.threads,))
+            slot.pool = ProcessPoolExecutor(max_workers=1, mp_context=self._ctx,
+                                            initializer=_init_worker,
+                                            initargs=(self.threads, dict(os.environ)))
         try:
             future = slot.pool.submit(_run_in_worker, job.job)
         except BrokenProcessPool:  # it died since its last job: a fresh worker takes this one
