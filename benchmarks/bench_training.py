@@ -13,6 +13,11 @@
    on that device against this CPU, same plan, best of ``--repeats`` (after one warm-up job).
 4. Precision: the same job's steps per second in bf16 (``training.precision``) against fp32,
    on ``--device`` (default the CPU).
+5. Batching (``--batch K``, default 8): client updates per second of K clients of one family
+   trained one by one (``FamilyTrainer.train``) against in one batched pass over the shared
+   base (``fedsim.batching.train_together``; ``executor.batch_clients``), on ``--device``
+   (default the CPU), same plans and seeds, best of ``--repeats`` after a warm-up; and how far
+   the batched deltas lie from the one-by-one ones (relative to their norm).
 """
 
 from __future__ import annotations
@@ -160,6 +165,49 @@ def precision_speed(args: argparse.Namespace) -> None:
           f"ratio {bf16 / fp32:.2f} (training.precision: bf16)")
 
 
+def batched_speed(args: argparse.Namespace) -> None:
+    from fedsim.accelerators import resolve
+    from fedsim.batching import Request, train_together
+    from fedsim.data import load_dataset
+    from fedsim.training import FamilyTrainer, LocalTrainingConfig
+
+    device = str(resolve(args.device or "cpu", "--device"))
+    train = list(load_dataset("bbc-news", "classification").train)
+    cfg = LocalTrainingConfig(local_steps=args.steps, batch_size=16, max_length=64, lr=1e-3,
+                              device=device)
+    trainer = FamilyTrainer(args.model, "classification", 5, cfg, seed=0)
+    start = trainer.initial_adapter()
+    requests = []
+    for k in range(args.batch):  # each client its own 40 examples, plan and seed
+        examples = train[40 * k: 40 * (k + 1)]
+        requests.append(Request(start, examples, trainer.plan(examples, seed=k), seed=k))
+
+    def timed(fn):  # best seconds of fn() after one warm-up, and its last results
+        best, out = float("inf"), None
+        for rep in range(args.repeats + 1):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if rep:
+                best = min(best, time.perf_counter() - t0)
+        return best, out
+
+    one, solo = timed(lambda: [trainer.train(r.adapter, r.examples, r.plan, r.seed)
+                               for r in requests])
+    together, batched = timed(lambda: train_together(trainer, requests))
+    gap = max(
+        sum(float((b.delta[n] - s.delta[n]).double().pow(2).sum()) for n in s.delta) ** 0.5
+        / s.metrics["delta_norm"] for b, s in zip(batched, solo, strict=True))
+    k = args.batch
+    print(f"client updates/s on {device}, {args.model}, {k} clients x {args.steps} steps of "
+          f"batch 16 x <=64 tokens: one by one {k / one:.2f}, batched {k / together:.2f}, "
+          f"ratio {one / together:.2f}; largest batched-vs-one-by-one delta gap "
+          f"{gap:.1e} of its norm (executor.batch_clients)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm-l6")
@@ -167,7 +215,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--rss-child", type=int, default=None)
-    ap.add_argument("--only", choices=["overhead", "memory", "device", "precision"], default=None)
+    ap.add_argument("--only", choices=["overhead", "memory", "device", "precision", "batched"],
+                    default=None)
+    ap.add_argument("--batch", type=int, default=8, help="clients per batched pass")
     ap.add_argument("--device", default=None, help="auto, cuda or cuda:N: steps/s vs the CPU")
     args = ap.parse_args()
     if args.rss_child is not None:
@@ -181,6 +231,8 @@ def main() -> None:
         device_speed(args)
     if args.only in (None, "precision"):
         precision_speed(args)
+    if args.only in (None, "batched"):
+        batched_speed(args)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import base64
 import contextlib
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,6 +42,7 @@ from fedsim import logits as topk
 from fedsim.accelerators import resolve as resolve_device
 from fedsim.aggregators import ClientResult, global_norm, make_aggregator, make_lora_space
 from fedsim.attacks import attack
+from fedsim.batching import Request, train_together
 from fedsim.data import TaskData, load_dataset, partition
 from fedsim.devices import Fleet
 from fedsim.distillation import (
@@ -399,6 +401,23 @@ class LoraWorkload(Workload):
         fam = self._family(client)
         return fam.trainer.train(self._start(client), self._examples(client), plan.context,
                                  job_seed(self.scenario.seed, client, round_))
+
+    def batch_key(self, client: int) -> str:
+        return self.fleet.model[client]  # a family: one frozen base, the clients' adapters
+
+    def train_many(self, jobs: Sequence[tuple[int, int, JobPlan]]) -> list[TrainResult]:
+        """The jobs of each family in one batched pass over its base (fedsim.batching)."""
+        out: dict[int, TrainResult] = {}
+        families: dict[str, list[int]] = {}
+        for i, (client, _, _) in enumerate(jobs):
+            families.setdefault(self.fleet.model[client], []).append(i)
+        for members in families.values():
+            trainer = self._family(jobs[members[0]][0]).trainer
+            requests = [Request(self._start(c), self._examples(c), plan.context,
+                                job_seed(self.scenario.seed, c, r))
+                        for c, r, plan in (jobs[i] for i in members)]
+            out |= dict(zip(members, train_together(trainer, requests), strict=True))
+        return [out[i] for i in range(len(jobs))]
 
     def remote_job(self, client: int, round_: int, plan: JobPlan) -> TrainJob:
         model = self.fleet.model[client]

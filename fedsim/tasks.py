@@ -104,6 +104,7 @@ class Task(ABC):
     # (dirichlet), the server's head can be fitted as a linear probe.
     has_classes: ClassVar[bool] = False
     metrics: ClassVar[tuple[str, ...]]  # what evaluate returns (besides loss); first: primary
+    pad_left: ClassVar[bool] = False  # collate pads rows on the left (else the right)
 
     def __init__(self, dataset: str | None = None) -> None:
         self.dataset = dataset
@@ -263,6 +264,7 @@ class Generation(Task):
 
     head = "causal-lm"
     metrics = ("rougeL", "chrf", "bleu")
+    pad_left = True
     default_prompt: ClassVar[str] = "{text}\n=>"
 
     def __init__(self, dataset: str | None = None) -> None:
@@ -294,7 +296,7 @@ class Generation(Task):
         rows = [r for rows in encoded for r in rows]
         # Left padding lines the targets up at the end, so the (vocabulary-wide, costly)
         # logits are computed for the last positions only; positions count real tokens.
-        batch = collate(rows, pad_id, left=True)
+        batch = collate(rows, pad_id, left=self.pad_left)
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         batch["logits_to_keep"] = logit_positions(rows)
         return batch, batch.pop("labels")

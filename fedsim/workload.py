@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +156,17 @@ class Workload(ABC):
 
     @abstractmethod
     def train(self, client: int, round_: int, plan: JobPlan) -> Any: ...
+
+    def batch_key(self, client: int) -> Hashable | None:
+        """Which clients' jobs ``train_many`` may run in one batched pass (those with equal
+        keys), or None: this client's jobs run one by one."""
+        return None
+
+    def train_many(self, jobs: Sequence[tuple[int, int, JobPlan]]) -> list[Any]:
+        """``train`` of each (client, round, plan), in one batched pass where the workload
+        can (jobs of one ``batch_key``); the results equal ``train``'s within float
+        tolerance."""
+        return [self.train(*job) for job in jobs]
 
     def remote_job(self, client: int, round_: int, plan: JobPlan) -> Any:
         """``train``'s job as picklable data for an out-of-process executor (a

@@ -36,3 +36,23 @@ def test_a_run_on_the_gpu_has_the_cpu_timeline_and_its_metrics_to_float_precisio
     assert gpu.summary["comm"]["bytes_up"] == cpu.summary["comm"]["bytes_up"]
     q_cpu, q_gpu = cpu.summary["quality"], gpu.summary["quality"]
     assert q_gpu["server_by_round"] == pytest.approx(q_cpu["server_by_round"], abs=0.051)
+
+
+@pytest.mark.parametrize("task", ["classification", "generation"])
+def test_a_batched_pass_on_the_gpu_trains_each_client_as_alone(task):
+    """fedsim.batching on the device: each client's own dropout stream is the CUDA generator's
+    state its solo job would have."""
+    from test_batching import assert_same, requests, trainer
+
+    from fedsim.batching import train_together
+
+    if task == "classification":
+        t = trainer("tiny-bert", task, 5, "bbc-news", device="cuda")
+        dataset = "bbc-news"
+    else:
+        t = trainer("tiny-llama", task, None, "freedict-en-de", device="cuda",
+                    target_roles=("q", "k", "v", "o"))
+        dataset = "freedict-en-de"
+    reqs = requests(t, dataset, task, validation=3)
+    solo = [t.train(r.adapter, r.examples, r.plan, r.seed) for r in reqs]
+    assert_same(train_together(t, reqs), solo)

@@ -170,3 +170,34 @@ def test_ray_replaces_a_dead_actor(tmp_path):
     finally:
         ex.close()
         ray.shutdown()
+
+
+def test_batched_inline_trains_families_together_close_to_one_by_one(inline_run, tmp_path):
+    """``batch_clients``: a family's pending jobs train in one pass (fedsim.batching); the
+    numbers are one-by-one training's within float tolerance, and the same on every run."""
+    runs = []
+    for i in range(2):
+        sc = load(ROOT / "scenarios/quickstart.yaml", _tiny_quickstart(
+            ["executor.name=inline", "executor.batch_clients=4"]))
+        sim = Simulation(sc)
+        result = sim.run()
+        assert max(sim.executor.groups) > 1 and max(sim.executor.groups) <= 4
+        out = write_run_dir(result, tmp_path / f"batched{i}")
+        summary = json.loads((out / "summary.json").read_text())
+        summary.pop("wall_time_s")
+        runs.append((summary, (out / "events.csv").read_bytes()))
+    assert runs[0] == runs[1]
+    batched, one_by_one = runs[0][0]["quality"], inline_run[0]["quality"]
+    assert batched["server_by_round"] == pytest.approx(one_by_one["server_by_round"], rel=1e-3)
+    assert runs[0][0]["rounds_completed"] == inline_run[0]["rounds_completed"]
+
+
+def test_batch_clients_is_an_inline_option(tmp_path):
+    doc = tmp_path / "s.yaml"
+    doc.write_text("name: s\nexecutor: {name: process, batch_clients: 4}\n")
+    with pytest.raises(ScenarioError, match=r"executor\.batch_clients: not an option of "
+                       r"executor 'process'; executors that take it: inline"):
+        load(doc)
+    doc.write_text("name: s\nexecutor: {name: inline, batch_clients: 0}\n")
+    with pytest.raises(ScenarioError, match=r"executor\.batch_clients"):
+        load(doc)
