@@ -609,7 +609,10 @@ class LoraWorkload(Workload):
         if len(self._last) > CLIENT_EVAL_MAX:
             return {}
         log.info("scoring each client's last model (%d clients)", len(self._last))
-        remote = executor is not None and not self.scenario.executor.shares_threads
+        # on the workers where jobs run in other processes (shares_threads: process, ray);
+        # inline, here with the workload's own trainers (an inline EvalJob would load a model
+        # per client)
+        remote = executor is not None and self.scenario.executor.shares_threads
         count = min(CLIENT_EVAL_EXAMPLES, len(self.eval_examples))
         models = {}
         for client in sorted(self._last):

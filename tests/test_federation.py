@@ -313,3 +313,29 @@ def test_clients_train_on_the_prompt_the_server_is_scored_with():
     room = 32 - (len(row.ids) - len(prompt))
     assert prompt == server.trainer.task.prompt_ids(server.tokenizer, example.text, room)
     assert client.tokenizer.decode(prompt).rstrip().endswith("Headline:")
+
+
+@pytest.mark.parametrize(("executor", "on_workers"), [("process", True), ("inline", False)])
+def test_each_clients_final_score_runs_where_its_jobs_run(executor, on_workers):
+    """Under an executor whose jobs leave this process, the end-of-run client scores are
+    EvalJobs on its workers (side by side); inline, they run here on the workload's trainers.
+    The numbers are the same either way."""
+    from fedsim.executors import InlineExecutor
+    from fedsim.federation import EvalJob
+    from fedsim.plugins import EXECUTORS
+
+    sim = Simulation(tiny_scenario(rounds=1, executor={"name": "inline"}))
+    sim.run()
+    here = sim.workload.client_metrics(sim.executor)
+    submitted = []
+
+    class Recording(InlineExecutor):  # runs each job in this process, and notes it
+        def submit(self, job):
+            submitted.append(job)
+            return super().submit(job)
+
+    sim.workload.scenario = tiny_scenario(rounds=1, executor={"name": executor})
+    scores = sim.workload.client_metrics(Recording(EXECUTORS.parse({"name": "inline"})))
+    assert bool(submitted) == on_workers
+    assert all(isinstance(j, EvalJob) for j in submitted)
+    assert scores == here and set(scores) == {0, 1, 2, 3}

@@ -220,3 +220,29 @@ def test_without_labelled_server_data_the_head_starts_at_zero_and_learns_from_cl
                  make_aggregator(TaskArithmeticConfig()))
     torch.testing.assert_close(server.weights()["classifier.out_proj.weight"],
                                projected["classifier.out_proj.weight"])
+
+
+def test_a_fitted_probe_is_kept_and_read_back(tmp_path, monkeypatch):
+    """The probe's head is cached by model, data and settings: the same server reads it back
+    without computing features; other examples are fitted anew."""
+    import fedsim.server as server_module
+
+    monkeypatch.setattr(server_module, "probe_cache_dir", lambda: tmp_path)
+    data = bbc()
+
+    def build(examples):
+        return ServerModel("tiny-mpnet", "classification", 5, seed=0, probe_examples=examples,
+                           max_length=32, projector_options={"use_cache": False})
+
+    first = build(data.train[:40])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features computed although the probe is cached")
+
+    monkeypatch.setattr(server_module, "head_inputs", no_features)
+    second = build(data.train[:40])
+    for key in first.adapter:
+        assert torch.equal(first.adapter[key], second.adapter[key])
+    with pytest.raises(AssertionError, match="features computed"):
+        build(data.train[40:80])
