@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     prep = sub.add_parser("prepare", help="load a scenario's data and models and fit its "
-                          "projectors, so that its first run starts from warm caches")
+                          "projectors and server probe, so that its first run starts from "
+                          "warm caches")
     prep.add_argument("scenario")
     prep.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE")
