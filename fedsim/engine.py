@@ -60,6 +60,8 @@ class Simulation:
         # the executor first: a process pool's server process imports torch while this one
         # builds the workload
         self.executor = executor or make_executor(scenario.executor)
+        if executor is None and scenario.workload.trains_models:
+            self.executor.warm()
         self.workload = workload or make_workload(scenario, self.fleet)
         self.policy = ROUND_POLICIES.get(scenario.round_policy.name)(self)
         self.selector = make_selector(scenario.selection, self)

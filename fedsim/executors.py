@@ -22,6 +22,7 @@ update. Never a hang.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import multiprocessing
 import multiprocessing.forkserver
@@ -104,6 +105,10 @@ class Executor(ABC):
 
     @abstractmethod
     def submit(self, job: RemoteJob) -> Job: ...
+
+    def warm(self) -> None:
+        """Start the workers now (jobs will come): their start-up overlaps what this process
+        does until the first job."""
 
     def close(self) -> None:
         """Release workers."""
@@ -342,6 +347,8 @@ class RayWorker:
 
     def __init__(self, threads: int) -> None:
         _init_worker(threads)
+        for name in _PRELOAD:  # what a job needs, imported before the first one arrives
+            importlib.import_module(name)
 
     def run(self, job: RemoteJob) -> tuple[Any, int, int]:
         return _run_in_worker(job)
@@ -448,6 +455,10 @@ class RayExecutor(Executor):
 
     def submit(self, job: RemoteJob) -> Job:
         return _RayJob(self, job)
+
+    def warm(self) -> None:
+        for i in range(len(self.actors)):
+            self._actor(i)
 
     def close(self) -> None:
         for i in range(len(self.actors)):
