@@ -18,18 +18,20 @@ from fedsim.scenario import ScenarioError, load
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_registry_and_config_errors(tmp_path):
+@pytest.mark.parametrize(("executor", "error"), [
+    ("{name: spark}", r"executor\.name: .*unknown executor 'spark'"),
+    ("{name: process, address: auto}",
+     r"executor\.address: not an option of executor 'process'; executors that take it: ray"),
+    ("{name: process, workers: 0}", r"executor\.workers"),
+    ("{name: process, batch_clients: 4}", r"executor\.batch_clients: not an option of "
+                                          r"executor 'process'; executors that take it: inline"),
+    ("{name: inline, batch_clients: 0}", r"executor\.batch_clients"),
+])
+def test_config_errors_name_the_key(tmp_path, executor, error):
     assert {"inline", "process", "ray"} <= set(EXECUTORS)
     doc = tmp_path / "s.yaml"
-    doc.write_text("name: s\nexecutor: {name: spark}\n")
-    with pytest.raises(ScenarioError, match=r"executor\.name: .*unknown executor 'spark'"):
-        load(doc)
-    doc.write_text("name: s\nexecutor: {name: process, address: auto}\n")
-    with pytest.raises(ScenarioError, match=r"executor\.address: not an option of executor "
-                       r"'process'; executors that take it: ray"):
-        load(doc)
-    doc.write_text("name: s\nexecutor: {name: process, workers: 0}\n")
-    with pytest.raises(ScenarioError, match=r"executor\.workers"):
+    doc.write_text(f"name: s\nexecutor: {executor}\n")
+    with pytest.raises(ScenarioError, match=error):
         load(doc)
 
 
@@ -191,13 +193,3 @@ def test_batched_inline_trains_families_together_close_to_one_by_one(inline_run,
     assert batched["server_by_round"] == pytest.approx(one_by_one["server_by_round"], rel=1e-3)
     assert runs[0][0]["rounds_completed"] == inline_run[0]["rounds_completed"]
 
-
-def test_batch_clients_is_an_inline_option(tmp_path):
-    doc = tmp_path / "s.yaml"
-    doc.write_text("name: s\nexecutor: {name: process, batch_clients: 4}\n")
-    with pytest.raises(ScenarioError, match=r"executor\.batch_clients: not an option of "
-                       r"executor 'process'; executors that take it: inline"):
-        load(doc)
-    doc.write_text("name: s\nexecutor: {name: inline, batch_clients: 0}\n")
-    with pytest.raises(ScenarioError, match=r"executor\.batch_clients"):
-        load(doc)
