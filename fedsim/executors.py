@@ -13,6 +13,10 @@ worker. A worker keeps a :class:`WorkerCache` between jobs, so a family's frozen
 the dataset are loaded once per worker and each job ships adapter bytes, not model bytes. A
 workload that has nothing to ship (``synthetic``) runs its jobs here whatever the executor.
 
+With ``executor.batch_clients > 1`` training jobs of one model family wait until a result is
+collected and then run several to a batched pass (:mod:`fedsim.batching`): inline the
+collected job's family's pending jobs, out of process every pending job in groups.
+
 A worker that dies mid-job (killed, out of memory) is replaced and the job resubmitted, up to
 ``executor.max_retries`` times; after that, or after ``executor.job_timeout_s``, the job fails
 with :class:`JobFailed`, which the engine records as a ``job_failed`` event and a failed
@@ -94,10 +98,19 @@ class Executor(ABC):
     def __init__(self, cfg: ExecutorConfig) -> None:
         self.cfg = cfg
         self.worker_peak_rss: dict[int, int] = {}  # worker pid -> peak RSS bytes seen
+        self.batch_clients = cfg.batch_clients
+        self.pending: list[_GroupedJob] = []  # jobs to batch, not yet sent, in submission order
+        self.groups: list[int] = []  # the size of each batched pass sent or run
 
     def submit_train(self, workload: Workload, client: int, round_: int, plan: JobPlan) -> Job:
         """Start ``client``'s training job of ``round_``: out of process when the workload can
-        ship it, else here (lazily, when its result is collected)."""
+        ship it, else here (lazily, when its result is collected). With ``batch_clients > 1``
+        it waits, with the family's other jobs, until a result is collected (``_run_group``)."""
+        key = workload.batch_key(client) if self.batch_clients > 1 else None
+        if key is not None:
+            grouped = _GroupedJob(self, workload, key, (client, round_, plan))
+            self.pending.append(grouped)
+            return grouped
         job = workload.remote_job(client, round_, plan)
         if job is None:
             return _LazyJob(workload.train, (client, round_, plan))
@@ -105,6 +118,33 @@ class Executor(ABC):
 
     @abstractmethod
     def submit(self, job: RemoteJob) -> Job: ...
+
+    def _run_group(self, job: _GroupedJob) -> None:
+        """A pending job's result is wanted: every pending job leaves now, each family's cut
+        into groups of at most ``batch_clients`` and at least one per worker where it has as
+        many jobs, one batched pass per group on the workers."""
+        pending, self.pending = self.pending, []
+        families: dict[tuple[int, Any], list[_GroupedJob]] = {}
+        for j in pending:
+            families.setdefault((id(j.workload), j.key), []).append(j)
+        workers = getattr(self.cfg, "workers", 1)
+        for members in families.values():
+            size = min(self.batch_clients, math.ceil(len(members) / workers))
+            for i in range(0, len(members), size):
+                self._send(members[i:i + size])
+
+    def _send(self, members: list[_GroupedJob]) -> None:
+        workload = members[0].workload
+        remote = workload.remote_group([m.args for m in members])
+        if remote is None:  # nothing to ship: here, now
+            values = workload.train_many([m.args for m in members])
+            for m, value in zip(members, values, strict=True):
+                m.value, m.done = value, True
+        else:
+            shared = _Shared(self.submit(remote))
+            for i, m in enumerate(members):
+                m.group, m.index = shared, i
+        self.groups.append(len(members))
 
     def warm(self) -> None:
         """Start the workers now (jobs will come): their start-up overlaps what this process
@@ -127,19 +167,40 @@ class _LazyJob(Job):
         return self._fn(*self._args)
 
 
-class _GroupedJob(Job):
-    """A training job the inline executor may run in one batched pass with others of its
-    family: when the first of them is collected (so a dropped job that nobody collected
-    before never runs)."""
+class _Shared:
+    """One job's result shared by its group's members (fetched once; its failure, each's)."""
 
-    def __init__(self, executor: InlineExecutor, workload: Workload, key: Any,
+    def __init__(self, job: Job) -> None:
+        self.job, self._value, self._error, self._done = job, None, None, False
+
+    def result(self) -> Any:
+        if not self._done:
+            try:
+                self._value = self.job.result()
+            except JobFailed as e:
+                self._error = e
+            self._done = True
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _GroupedJob(Job):
+    """A training job its executor runs in one batched pass with other jobs of its family
+    (``executor.batch_clients``), once some job's result is collected."""
+
+    def __init__(self, executor: Executor, workload: Workload, key: Any,
                  args: tuple[int, int, JobPlan]) -> None:
         self.executor, self.workload, self.key, self.args = executor, workload, key, args
         self.done, self.value = False, None
+        self.group: _Shared | None = None  # sent to the workers: its group's job, and place
+        self.index = 0
 
     def result(self) -> Any:
-        if not self.done:
+        if not self.done and self.group is None:
             self.executor._run_group(self)
+        if self.group is not None:
+            return self.group.result()[self.index]
         return self.value
 
     def cancel(self) -> None:
@@ -153,19 +214,10 @@ class InlineExecutor(Executor):
     with ``batch_clients > 1``, together with the other jobs of its family submitted by
     then (fedsim.batching)."""
 
-    def __init__(self, cfg: ExecutorConfig) -> None:
-        super().__init__(cfg)
-        self.batch_clients = getattr(cfg, "batch_clients", 1)
-        self.pending: list[_GroupedJob] = []  # submitted, not yet run, in submission order
-        self.groups: list[int] = []  # the size of each batched pass run
-
     def submit_train(self, workload: Workload, client: int, round_: int, plan: JobPlan) -> Job:
-        key = workload.batch_key(client) if self.batch_clients > 1 else None
-        if key is None:
-            return _LazyJob(workload.train, (client, round_, plan))
-        job = _GroupedJob(self, workload, key, (client, round_, plan))
-        self.pending.append(job)
-        return job
+        if self.batch_clients > 1 and workload.batch_key(client) is not None:
+            return super().submit_train(workload, client, round_, plan)
+        return _LazyJob(workload.train, (client, round_, plan))
 
     def _run_group(self, job: _GroupedJob) -> None:
         """``job`` and the earliest pending jobs of its family, up to ``batch_clients``."""

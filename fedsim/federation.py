@@ -153,6 +153,22 @@ class TrainJob:
         return trainer.train(self.start, [train[i] for i in self.indices], self.plan, self.seed)
 
 
+@dataclass(frozen=True)
+class TrainGroupJob:
+    """Several clients' training jobs of one family as data, trained in one batched pass in
+    a worker (``fedsim.batching.train_together``); the result is their list of results."""
+
+    family: FamilyKey
+    members: tuple[tuple[Adapter, tuple[int, ...], Any, int], ...]  # start, indices, plan, seed
+
+    def run(self, cache: WorkerCache) -> list[TrainResult]:
+        fam = self.family
+        trainer = cache.get(("trainer", fam), fam.trainer)
+        train = _worker_data(cache, fam).train
+        return train_together(trainer, [Request(start, [train[i] for i in indices], plan, seed)
+                                        for start, indices, plan, seed in self.members])
+
+
 def _worker_data(cache: WorkerCache, fam: FamilyKey) -> TaskData:
     """The task's data set, loaded once per worker."""
     return cache.get(("data", fam.dataset, fam.kind), lambda: load_dataset(fam.dataset, fam.kind))
@@ -418,6 +434,12 @@ class LoraWorkload(Workload):
                         for c, r, plan in (jobs[i] for i in members)]
             out |= dict(zip(members, train_together(trainer, requests), strict=True))
         return [out[i] for i in range(len(jobs))]
+
+    def remote_group(self, jobs: Sequence[tuple[int, int, JobPlan]]) -> TrainGroupJob:
+        members = tuple(self.remote_job(*job) for job in jobs)
+        assert len({m.family for m in members}) == 1, "a group holds one family's jobs"
+        return TrainGroupJob(members[0].family, tuple((m.start, m.indices, m.plan, m.seed)
+                                                      for m in members))
 
     def remote_job(self, client: int, round_: int, plan: JobPlan) -> TrainJob:
         model = self.fleet.model[client]

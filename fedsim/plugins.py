@@ -580,6 +580,11 @@ class ExecutorConfig(PluginConfig):
     # (fedsim.accelerators): auto (CUDA when torch sees one), cpu, cuda or cuda:N. The
     # simulated timeline comes from modelled FLOPs, so it does not change with the device.
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # Up to that many clients of one model family train in one batched pass over its shared
+    # frozen base (fedsim.batching; for a GPU, which one small client batch leaves idle).
+    # Results equal one-by-one training within float tolerance, not bit for bit: a run with
+    # batch_clients > 1 is reproducible with the same value and executor. 1: one by one.
+    batch_clients: int = Field(default=1, ge=1, le=4096)
     # Capabilities, asked instead of the executor's name: jobs run in other processes, so
     # this one may evaluate while they train; a sweep runs its points as this executor's tasks.
     shares_threads: ClassVar[bool] = False
@@ -595,14 +600,10 @@ class _PoolConfig(ExecutorConfig):
 
 @EXECUTORS.options("inline")
 class InlineExecutorConfig(ExecutorConfig):
-    """Jobs run in this process. ``batch_clients``: up to that many clients of one model
-    family train in one batched pass over its shared frozen base when the first of their jobs
-    is collected (fedsim.batching; for a GPU, which one small client batch leaves idle). Its
-    results equal one-by-one training within float tolerance, not bit for bit: a run with
-    ``batch_clients > 1`` is reproducible with the same value. 1: one by one."""
+    """Jobs run in this process (with ``batch_clients > 1``, a family's pending jobs in one
+    pass when the first of them is collected)."""
 
     name: Literal["inline"] = "inline"
-    batch_clients: int = Field(default=1, ge=1, le=4096)
 
 
 @EXECUTORS.options("process")

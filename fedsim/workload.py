@@ -168,6 +168,11 @@ class Workload(ABC):
         tolerance."""
         return [self.train(*job) for job in jobs]
 
+    def remote_group(self, jobs: Sequence[tuple[int, int, JobPlan]]) -> Any:
+        """``train_many``'s job (jobs of one ``batch_key``) as picklable data for an
+        out-of-process executor, or None to run ``train_many`` here."""
+        return None
+
     def remote_job(self, client: int, round_: int, plan: JobPlan) -> Any:
         """``train``'s job as picklable data for an out-of-process executor (a
         :class:`fedsim.executors.RemoteJob` whose result equals ``train``'s), or None to run

@@ -116,3 +116,26 @@ class RemoteFixedWorkload(FixedWorkload):
         if client in self.crash_clients:
             return CrashJob(self.marker)
         return EchoJob({"client": client})
+
+
+class RemoteGroupedWorkload(RemoteFixedWorkload):
+    """RemoteFixedWorkload whose clients form one family that ``batch_clients`` groups: a
+    group job holding a ``crash_clients`` member kills its worker every try."""
+
+    def batch_key(self, client: int) -> Any:
+        return "family"
+
+    def remote_group(self, jobs) -> Any:
+        if any(client in self.crash_clients for client, _, _ in jobs):
+            return CrashJob(self.marker)
+        return ValueJob([{"client": client} for client, _, _ in jobs])
+
+
+class ValueJob:
+    """Returns its value (a group's list of results)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def run(self, cache) -> Any:
+        return self.value

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from doubles import CrashJob, EchoJob, RemoteFixedWorkload, SleepJob
+from doubles import CrashJob, EchoJob, RemoteFixedWorkload, RemoteGroupedWorkload, SleepJob
 from test_scenarios import scenario_test_overrides
 
 from fedsim.engine import Simulation
@@ -23,9 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ("{name: process, address: auto}",
      r"executor\.address: not an option of executor 'process'; executors that take it: ray"),
     ("{name: process, workers: 0}", r"executor\.workers"),
-    ("{name: process, batch_clients: 4}", r"executor\.batch_clients: not an option of "
-                                          r"executor 'process'; executors that take it: inline"),
-    ("{name: inline, batch_clients: 0}", r"executor\.batch_clients"),
+    ("{name: process, batch_clients: 0}", r"executor\.batch_clients"),
 ])
 def test_config_errors_name_the_key(tmp_path, executor, error):
     assert {"inline", "process", "ray"} <= set(EXECUTORS)
@@ -91,21 +89,38 @@ def test_a_hung_job_times_out(tmp_path):
         ex.close()
 
 
-def test_engine_records_a_lost_job_and_goes_on(scenario_factory, tmp_path):
+def _crashing_run(scenario_factory, tmp_path, workload, **executor):
+    """4 laptops, 2 rounds, client 1's job (or group) killing its worker on every try."""
     sc = scenario_factory(rounds=2, clients=[{"profile": "laptop", "count": 4,
                                               "overrides": {"mean_off_s": 0}}],
-                          executor={"name": "process", "workers": 1, "max_retries": 0})
+                          executor={"name": "process", "max_retries": 0, **executor})
     marker = tmp_path / "crashes"
     marker.write_text("100")
     sim = Simulation(sc)
-    sim.workload = RemoteFixedWorkload(sc, sim.fleet, marker=str(marker), crash_clients={1})
+    sim.workload = workload(sc, sim.fleet, marker=str(marker), crash_clients={1})
     s = sim.run().summary
+    failed = [row.split(",")[1:3] for row in sim.rec.events_csv().splitlines()
+              if ",job_failed," in row]
+    return sim, s, failed
+
+
+def test_engine_records_a_lost_job_and_goes_on(scenario_factory, tmp_path):
+    _, s, failed = _crashing_run(scenario_factory, tmp_path, RemoteFixedWorkload, workers=1)
     assert s["rounds_completed"] == 2
     assert s["overload"]["failed_jobs"] == 2  # client 1, once per round
     assert s["counts"]["updates_accepted"] == 2 * 3
-    failed = [row.split(",")[1:3] for row in sim.rec.events_csv().splitlines()
-              if ",job_failed," in row]
     assert failed == [["0", "1"], ["1", "1"]]  # (round, client)
+
+
+def test_a_lost_group_job_fails_each_of_its_members(scenario_factory, tmp_path):
+    """With ``batch_clients``, a group whose worker dies past the retries is a failed job for
+    every client in it; the run goes on."""
+    sim, s, failed = _crashing_run(scenario_factory, tmp_path, RemoteGroupedWorkload,
+                                   workers=2, batch_clients=2)
+    assert s["rounds_completed"] == 2
+    assert sim.executor.groups == [2, 2, 2, 2]  # 4 clients, 2 workers: groups of 2
+    assert len(failed) == 4 and {c for _, c in failed} >= {"1"}  # client 1 and its partner
+    assert s["counts"]["updates_accepted"] == 2 * 2
 
 
 def _tiny_quickstart(executor: list[str]) -> list[str]:
@@ -174,13 +189,33 @@ def test_ray_replaces_a_dead_actor(tmp_path):
         ray.shutdown()
 
 
-def test_batched_inline_trains_families_together_close_to_one_by_one(inline_run, tmp_path):
-    """``batch_clients``: a family's pending jobs train in one pass (fedsim.batching); the
+@pytest.mark.parametrize("executor", ["inline", "process",
+                                      pytest.param("ray", marks=pytest.mark.slow)])
+def test_batched_runs_train_families_together_close_to_one_by_one(inline_run, tmp_path,
+                                                                   executor):
+    """``batch_clients``: a family's pending jobs train in one pass (fedsim.batching) — inline
+    when the first is collected, on the workers in groups (at least one per worker); the
     numbers are one-by-one training's within float tolerance, and the same on every run."""
+    if executor == "ray":
+        ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        runs = _batched_runs(tmp_path, executor)
+    finally:
+        if executor == "ray":
+            ray.shutdown()
+    assert runs[0] == runs[1]
+    batched, one_by_one = runs[0][0]["quality"], inline_run[0]["quality"]
+    assert batched["server_by_round"] == pytest.approx(one_by_one["server_by_round"], rel=1e-3)
+    assert runs[0][0]["rounds_completed"] == inline_run[0]["rounds_completed"]
+
+
+def _batched_runs(tmp_path: Path, executor: str) -> list[tuple[dict, bytes]]:
+    """Two runs of the tiny quickstart with ``batch_clients=4``: (summary, events.csv)."""
     runs = []
     for i in range(2):
         sc = load(ROOT / "scenarios/quickstart.yaml", _tiny_quickstart(
-            ["executor.name=inline", "executor.batch_clients=4"]))
+            [f"executor.name={executor}", "executor.batch_clients=4"]))
         sim = Simulation(sc)
         result = sim.run()
         assert max(sim.executor.groups) > 1 and max(sim.executor.groups) <= 4
@@ -188,8 +223,4 @@ def test_batched_inline_trains_families_together_close_to_one_by_one(inline_run,
         summary = json.loads((out / "summary.json").read_text())
         summary.pop("wall_time_s")
         runs.append((summary, (out / "events.csv").read_bytes()))
-    assert runs[0] == runs[1]
-    batched, one_by_one = runs[0][0]["quality"], inline_run[0]["quality"]
-    assert batched["server_by_round"] == pytest.approx(one_by_one["server_by_round"], rel=1e-3)
-    assert runs[0][0]["rounds_completed"] == inline_run[0]["rounds_completed"]
-
+    return runs
