@@ -18,8 +18,8 @@ setup: $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,notebooks,ray]"
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/install-models.sh
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/install-data.sh
-	# The quickstart's data, models and fitted projection maps, cached (43 s once here): its first
-	# run then starts warm. Other scenarios fit theirs on first use (or: fedsim prepare FILE).
+	# The quickstart's data, models, fitted projection maps and server probe, cached (75 s once
+	# here): its first run then starts warm. Other scenarios fit theirs on first use (or: fedsim prepare FILE).
 	HF_HUB_OFFLINE=1 $(BIN)/fedsim prepare scenarios/quickstart.yaml --quiet
 
 quickstart: setup
