@@ -250,6 +250,8 @@ _PRELOAD = ("torch", "transformers", "peft", "fedsim.federation")
 def _forkserver() -> multiprocessing.context.BaseContext:
     """The forkserver context, its server started now (its imports overlap what this process
     does next, loading models)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows: spawned workers
+        return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(_PRELOAD))
     multiprocessing.forkserver.ensure_running()
