@@ -29,6 +29,7 @@ as ``FamilyTrainer.train`` does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -107,9 +108,10 @@ class _Layout:
         n = self.lengths[k]
         return slice(self.length - n, self.length) if self.left else slice(0, n)
 
+    @functools.cached_property
     def equal_rows(self) -> bool:
-        sizes = {b - a for a, b in self.bounds}
-        return len(sizes) == 1
+        """Every client has as many rows (a batched product serves them at once)."""
+        return len({b - a for a, b in self.bounds}) == 1
 
 
 class _Streams:
@@ -155,7 +157,7 @@ class _Group:
     def __init__(self, trainer: FamilyTrainer, requests: Sequence[Request]) -> None:
         self.trainer, self.requests = trainer, list(requests)
         self.k = len(requests)
-        self.left = getattr(trainer.task, "pad_left", False)
+        self.left = trainer.task.pad_left
         self.streams = _Streams([r.seed for r in requests], trainer.device)
         self.layout: _Layout | None = None  # the step being run
         self.attention_before = "sdpa"  # the model's attention function (set when installed)
@@ -167,25 +169,20 @@ class _Group:
     # -- the steps ------------------------------------------------------------------------
 
     def train(self) -> list[TrainResult]:
-        from fedsim.training import TrainResult
-
         tr = self.trainer
         held = [[r.examples[i] for i in r.plan.validation] for r in self.requests]
         before = []
         for r, h in zip(self.requests, held, strict=True):  # eval mode, client by client
             tr.apply(r.adapter)
             before.append(tr._mean_loss(h) if h else math.nan)
-        optimizer = torch.optim.AdamW(list(self.stacked.values()), lr=tr.cfg.lr,
-                                      weight_decay=tr.cfg.weight_decay)
+        optimizer = tr.optimizer(self.stacked.values())
         losses: list[list[float]] = [[] for _ in self.requests]
-        steps = len(self.requests[0].plan.batches)
         tr.model.train()
         try:
             with self._installed():
-                for t in range(steps):
+                for t in range(len(self.requests[0].plan.batches)):
                     step = [[r.examples[i] for i in r.plan.batches[t]] for r in self.requests]
-                    with torch.autocast(tr.device.type, dtype=torch.bfloat16,
-                                        enabled=tr.cfg.precision == "bf16"):
+                    with tr.autocast():
                         each = self._losses(step)
                         total = torch.stack(each).sum()
                     total.backward()
@@ -198,19 +195,8 @@ class _Group:
             self.layout = None
         results = []
         for k, (r, h) in enumerate(zip(self.requests, held, strict=True)):
-            final = {key: s[k].detach() for key, s in self.stacked.items()}
-            if h:
-                tr.apply(final)
-                loss_before, loss_after = before[k], tr._mean_loss(h)
-            else:
-                loss_before, loss_after = losses[k][0], losses[k][-1]
-            delta = {key: v.float().cpu() - r.adapter[key].float() for key, v in final.items()}
-            norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())))
-            p = r.plan
-            results.append(TrainResult(delta, p.tokens, p.flops, p.peak_memory_bytes,
-                                       p.num_samples, tuple(losses[k]), loss_before, loss_after,
-                                       {"delta_norm": norm, "loss_first": losses[k][0],
-                                        "loss_last": losses[k][-1]}))
+            tr.apply({key: s[k].detach() for key, s in self.stacked.items()})  # client k's end
+            results.append(tr.finish(r.adapter, r.plan, losses[k], before[k], h))
         return results
 
     def _losses(self, step: list[list[Example]]) -> list[torch.Tensor]:
@@ -364,7 +350,7 @@ class _Group:
         clients have as many rows each)."""
         lay = self.layout
         assert lay is not None and x.shape[0] == lay.rows, "a tensor outside the group's rows"
-        if lay.equal_rows():
+        if lay.equal_rows:
             xs = x.reshape(self.k, -1, x.shape[-1])
             return torch.bmm(xs, w.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[1])
         return torch.cat([x[a:b] @ w[k].T for k, (a, b) in enumerate(lay.bounds)])

@@ -155,18 +155,17 @@ class TrainJob:
 
 @dataclass(frozen=True)
 class TrainGroupJob:
-    """Several clients' training jobs of one family as data, trained in one batched pass in
-    a worker (``fedsim.batching.train_together``); the result is their list of results."""
+    """Several clients' training jobs of one family, trained in one batched pass in a worker
+    (``fedsim.batching.train_together``); the result is their list of results."""
 
-    family: FamilyKey
-    members: tuple[tuple[Adapter, tuple[int, ...], Any, int], ...]  # start, indices, plan, seed
+    members: tuple[TrainJob, ...]
 
     def run(self, cache: WorkerCache) -> list[TrainResult]:
-        fam = self.family
+        fam = self.members[0].family
         trainer = cache.get(("trainer", fam), fam.trainer)
         train = _worker_data(cache, fam).train
-        return train_together(trainer, [Request(start, [train[i] for i in indices], plan, seed)
-                                        for start, indices, plan, seed in self.members])
+        return train_together(trainer, [Request(m.start, [train[i] for i in m.indices], m.plan,
+                                                m.seed) for m in self.members])
 
 
 def _worker_data(cache: WorkerCache, fam: FamilyKey) -> TaskData:
@@ -422,24 +421,15 @@ class LoraWorkload(Workload):
         return self.fleet.model[client]  # a family: one frozen base, the clients' adapters
 
     def train_many(self, jobs: Sequence[tuple[int, int, JobPlan]]) -> list[TrainResult]:
-        """The jobs of each family in one batched pass over its base (fedsim.batching)."""
-        out: dict[int, TrainResult] = {}
-        families: dict[str, list[int]] = {}
-        for i, (client, _, _) in enumerate(jobs):
-            families.setdefault(self.fleet.model[client], []).append(i)
-        for members in families.values():
-            trainer = self._family(jobs[members[0]][0]).trainer
-            requests = [Request(self._start(c), self._examples(c), plan.context,
-                                job_seed(self.scenario.seed, c, r))
-                        for c, r, plan in (jobs[i] for i in members)]
-            out |= dict(zip(members, train_together(trainer, requests), strict=True))
-        return [out[i] for i in range(len(jobs))]
+        """One family's jobs in one batched pass over its base (fedsim.batching)."""
+        assert len({self.fleet.model[c] for c, _, _ in jobs}) == 1, "one family's jobs"
+        requests = [Request(self._start(c), self._examples(c), plan.context,
+                            job_seed(self.scenario.seed, c, r)) for c, r, plan in jobs]
+        return train_together(self._family(jobs[0][0]).trainer, requests)
 
     def remote_group(self, jobs: Sequence[tuple[int, int, JobPlan]]) -> TrainGroupJob:
-        members = tuple(self.remote_job(*job) for job in jobs)
-        assert len({m.family for m in members}) == 1, "a group holds one family's jobs"
-        return TrainGroupJob(members[0].family, tuple((m.start, m.indices, m.plan, m.seed)
-                                                      for m in members))
+        assert len({self.fleet.model[c] for c, _, _ in jobs}) == 1, "one family's jobs"
+        return TrainGroupJob(tuple(self.remote_job(*job) for job in jobs))
 
     def remote_job(self, client: int, round_: int, plan: JobPlan) -> TrainJob:
         model = self.fleet.model[client]

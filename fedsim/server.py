@@ -69,7 +69,7 @@ def _param_key(name: str) -> str | None:
 
 def probe_cache_dir() -> Path:
     """``$FEDSIM_CACHE/probes``: fitted linear probes (16 s of mpnet-base features for the
-    quickstart's 500 texts), read back by the next run of the same server."""
+    quickstart's 200 texts), read back by the next run of the same server."""
     return cache_dir().parent / "probes"
 
 

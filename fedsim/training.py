@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -401,8 +401,7 @@ class FamilyTrainer:
                plan: TrainPlan, seed: int) -> TrainResult:
         self.apply(adapter)
         held_out = [examples[i] for i in plan.validation]
-        optimizer = torch.optim.AdamW(list(self._params.values()), lr=self.cfg.lr,
-                                      weight_decay=self.cfg.weight_decay)
+        optimizer = self.optimizer(self._params.values())
         loss_before = self._mean_loss(held_out) if held_out else math.nan
         losses = []
         with torch.random.fork_rng(devices=[]):
@@ -410,8 +409,7 @@ class FamilyTrainer:
             self.model.train()
             try:
                 for batch in plan.batches:
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                        enabled=self.cfg.precision == "bf16"):
+                    with self.autocast():
                         loss = self._loss([examples[i] for i in batch])
                     loss.backward()
                     optimizer.step()
@@ -419,6 +417,23 @@ class FamilyTrainer:
                     losses.append(loss.item())
             finally:
                 self.model.eval()
+        return self.finish(adapter, plan, losses, loss_before, held_out)
+
+    def optimizer(self, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+        """A job's fresh AdamW (its learning rate and weight decay) over ``params``."""
+        return torch.optim.AdamW(list(params), lr=self.cfg.lr,
+                                 weight_decay=self.cfg.weight_decay)
+
+    def autocast(self) -> torch.autocast:
+        """The training steps' precision: bf16 autocast, or off (fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.precision == "bf16")
+
+    def finish(self, adapter: dict[str, torch.Tensor], plan: TrainPlan, losses: list[float],
+               loss_before: float, held_out: Sequence[Example]) -> TrainResult:
+        """The result of a job whose end state is the model's trainable state now: the delta
+        from ``adapter``, and the validation loss after it (without a validation split, the
+        first and last steps' losses stand for before and after)."""
         if held_out:
             loss_after = self._mean_loss(held_out)
         else:
