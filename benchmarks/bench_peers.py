@@ -48,9 +48,10 @@ PEERS = ("process", "ray", "flower")
 AGREE_RTOL = 1e-6  # evaluation loss, relative: float sums in another order stay far inside
 
 
-def scenario_doc(rounds: int, smoke: bool) -> dict[str, Any]:
+def scenario_doc(rounds: int, smoke: bool, sets: list[str] = ()) -> dict[str, Any]:
     """The quickstart as a plain document (``server.model: null``); ``smoke``: 1 round, 2
-    tiny-bert clients on 200 examples."""
+    tiny-bert clients on 200 examples; then ``sets`` (``--set`` overrides, e.g.
+    ``executor.allocator=system``)."""
     import yaml
 
     from fedsim.scenario import apply_overrides
@@ -65,6 +66,7 @@ def scenario_doc(rounds: int, smoke: bool) -> dict[str, Any]:
         apply_overrides(doc, ["task.max_train_examples=200", "task.eval_examples=20",
                               "training.local_steps=2", "training.batch_size=8",
                               "training.max_length=32"])
+    apply_overrides(doc, list(sets))
     return doc
 
 
@@ -190,6 +192,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default=",".join(PEERS))
     ap.add_argument("--smoke", action="store_true", help="1 round, 2 tiny-bert clients")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a scenario override for every peer (fedsim's executor.* for its own)")
     ap.add_argument("--one", choices=PEERS, help=argparse.SUPPRESS)
     ap.add_argument("--doc", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -204,7 +208,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         doc_path = tmp / "scenario.json"
-        doc_path.write_text(json.dumps(scenario_doc(args.rounds, args.smoke)))
+        doc_path.write_text(json.dumps(scenario_doc(args.rounds, args.smoke, args.set)))
         out: dict[str, dict[str, Any]] = {}
         for name in names:
             sel = None

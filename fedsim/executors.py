@@ -34,12 +34,13 @@ import os
 import resource
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fedsim.allocators import worker_environment
 from fedsim.errors import FedsimError
 from fedsim.plugins import EXECUTORS, ExecutorConfig
 
@@ -247,14 +248,33 @@ class InlineExecutor(Executor):
 _PRELOAD = ("torch", "transformers", "peft", "fedsim.federation")
 
 
-def _forkserver() -> multiprocessing.context.BaseContext:
+_SERVER_ENV: dict[str, str] | None = None  # what the running forkserver was started with
+
+
+def _forkserver(environ: Mapping[str, str]) -> multiprocessing.context.BaseContext:
     """The forkserver context, its server started now (its imports overlap what this process
-    does next, loading models)."""
+    does next, loading models) with ``environ`` added to this process's environment for its
+    start alone (a worker's allocator, ``fedsim.allocators``: loaded when a process starts).
+    A server started with other variables is stopped first: its next workers need these."""
+    global _SERVER_ENV
     if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows: spawned workers
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(_PRELOAD))
-    multiprocessing.forkserver.ensure_running()
+    want = dict(environ)
+    if _SERVER_ENV is not None and want != _SERVER_ENV:
+        multiprocessing.forkserver._forkserver._stop()  # its running workers live on
+    saved = {k: os.environ.get(k) for k in want}
+    os.environ.update(want)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:  # this process, and what it starts later, keep their own environment
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    _SERVER_ENV = want
     return ctx
 
 
@@ -351,7 +371,7 @@ class ProcessExecutor(Executor):
         super().__init__(cfg)
         self.threads = cfg.threads_per_job
         self.slots = [_Slot() for _ in range(cfg.workers)]
-        self._ctx = _forkserver()
+        self._ctx = _forkserver(worker_environment(cfg.allocator))
 
     def _submit(self, job: _PoolJob) -> tuple[_Slot, int, Future]:
         slot = min(self.slots, key=_Slot.load)
@@ -480,8 +500,13 @@ class RayExecutor(Executor):
                      math.ceil(cfg.workers * share), include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
         self.threads = cfg.threads_per_job
+        # the actors' allocator: the library path is this machine's, so on a cluster only
+        # where asked for by name (auto keeps the system's there)
+        env = worker_environment("system" if cfg.address and cfg.allocator == "auto"
+                                 else cfg.allocator)
+        options = {"runtime_env": {"env_vars": env}} if env else {}
         self._actor_class = ray.remote(num_cpus=self.threads, num_gpus=share,
-                                       max_restarts=0)(RayWorker)
+                                       max_restarts=0, **options)(RayWorker)
         self.actors: list[Any] = [None] * cfg.workers
         self.in_flight = [0] * cfg.workers
 

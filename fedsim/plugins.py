@@ -596,6 +596,9 @@ class _PoolConfig(ExecutorConfig):
     workers: int = Field(default=2, ge=1, le=1024)
     max_retries: int = Field(default=1, ge=0, le=10)  # resubmissions after a worker dies
     job_timeout_s: float | None = Field(default=None, gt=0)  # wall seconds; None: no limit
+    # The workers' malloc (fedsim.allocators): auto (mimalloc where installed, Linux), system or
+    # mimalloc. Less resident memory per worker, the same results.
+    allocator: Literal["auto", "system", "mimalloc"] = "auto"
 
 
 @EXECUTORS.options("inline")

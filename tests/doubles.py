@@ -75,6 +75,15 @@ class EchoJob:
         return self.value, os.getpid(), calls[0]
 
 
+class MappedLibrariesJob:
+    """The shared libraries mapped into the worker that runs it (file names)."""
+
+    def run(self, cache) -> list[str]:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            return sorted({line.split()[-1].rsplit("/", 1)[-1] for line in f
+                           if ".so" in line.split()[-1]})
+
+
 class CrashJob:
     """Kills its worker while the marker file holds a positive count (decremented each time),
     then returns ``value``: a job whose worker dies ``crashes`` times."""

@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
      r"executor\.address: not an option of executor 'process'; executors that take it: ray"),
     ("{name: process, workers: 0}", r"executor\.workers"),
     ("{name: process, batch_clients: 0}", r"executor\.batch_clients"),
+    ("{name: process, allocator: tcmalloc}", r"executor\.allocator"),
+    ("{name: inline, allocator: system}", r"executor\.allocator: not an option of executor "
+                                          r"'inline'"),
 ])
 def test_config_errors_name_the_key(tmp_path, executor, error):
     assert {"inline", "process", "ray"} <= set(EXECUTORS)
