@@ -10,13 +10,16 @@ of the pool 1.54 GiB with mimalloc, 1.84 with glibc. It is loaded into the worke
 alone, by ``LD_PRELOAD`` when they start: the driver process keeps the allocator it was
 started with.
 
-``auto``: mimalloc where the library is installed (Linux), else the system's; ``system``;
-``mimalloc`` (a user error, exit 2, where it is not installed). Results do not depend on it:
-torch aligns every CPU tensor itself (64 bytes), so kernels see the same layouts.
+``auto``: mimalloc where the library is installed (Linux) and ``LD_PRELOAD`` is not set
+already (a user's own choice of allocator stands), else the system's; ``system``; ``mimalloc``
+(before what ``LD_PRELOAD`` holds; a user error, exit 2, where it is not installed). Results
+do not depend on it: torch aligns every CPU tensor itself (64 bytes), so kernels see the same
+layouts.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -48,7 +51,8 @@ def worker_environment(choice: str, key: str = "executor.allocator") -> dict[str
     ``{"LD_PRELOAD": ...}`` for mimalloc, nothing for the system's."""
     if choice not in CHOICES:
         raise FedsimError(f"{key}: expected one of {', '.join(CHOICES)}, got {choice!r}")
-    if choice == "system":
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if choice == "system" or (choice == "auto" and preloaded):  # the user's preload stands
         return {}
     library = mimalloc_library()
     if library is None:
@@ -56,4 +60,4 @@ def worker_environment(choice: str, key: str = "executor.allocator") -> dict[str
             return {}
         raise FedsimError(f"{key}: mimalloc is not installed here (pip install cmeel-mimalloc, "
                           f"Linux only); use auto or system")
-    return {"LD_PRELOAD": str(library)}
+    return {"LD_PRELOAD": ":".join(p for p in (str(library), preloaded) if p)}

@@ -39,6 +39,7 @@ def test_process_workers_run_on_the_allocator_asked_for():
 
 
 def test_worker_environment_per_choice(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     assert allocators.worker_environment("system") == {}
     monkeypatch.setattr(allocators, "mimalloc_library", lambda: None)
     assert allocators.worker_environment("auto") == {}  # not installed: the system's
@@ -48,6 +49,10 @@ def test_worker_environment_per_choice(monkeypatch):
         allocators.worker_environment("tcmalloc")
     monkeypatch.setattr(allocators, "mimalloc_library", lambda: "/lib/libmimalloc.so.3")
     assert allocators.worker_environment("auto") == {"LD_PRELOAD": "/lib/libmimalloc.so.3"}
+    monkeypatch.setenv("LD_PRELOAD", "/lib/libjemalloc.so.2")  # the user's own allocator
+    assert allocators.worker_environment("auto") == {}
+    assert allocators.worker_environment("mimalloc") == {
+        "LD_PRELOAD": "/lib/libmimalloc.so.3:/lib/libjemalloc.so.2"}
 
 
 @linux
