@@ -1,7 +1,7 @@
 """Peers: the quickstart's real client work under fedsim and under Flower's simulation engine.
 
-    make bench-setup                      # once: .venv-bench, with the `bench` extra (Flower)
-    .venv-bench/bin/python benchmarks/bench_peers.py [--rounds 3] [--only process,ray,flower]
+    make bench-setup                      # once: .venv-bench, with the `bench` extra (Flower, pfl)
+    .venv-bench/bin/python benchmarks/bench_peers.py [--rounds 3] [--only process,ray,flower,pfl]
                                                      [--workers 2] [--smoke]
 
 The work (issue 16): ``scenarios/quickstart.yaml`` with ``server.model: null`` — 20 clients,
@@ -16,20 +16,26 @@ its own, one after the other (never beside another job: the machine has 2 cores)
   1 CPU and 1 torch thread each): a ``FedAvg`` strategy whose rounds go to the clients fedsim
   selected (a supernode per client: its own partition, batches and seed — the same ones, from
   fedsim's functions), Flower's own weighted average of the returned weights, and the same
-  evaluation as a central ``evaluate_fn``.
+  evaluation as a central ``evaluate_fn``;
+- ``pfl`` (``benchmarks/pfl_peer.py``): Apple's pfl, ``--workers`` worker processes
+  (torch.distributed, 1 torch thread each) sharing each round's cohort of fedsim's selected
+  clients, pfl's ``FederatedAveraging`` whose ``train_one_user`` runs the client's fedsim job,
+  pfl's central update, and the same evaluation on worker 0 after each round.
 
 Before any time is compared the numbers must agree: every peer's evaluation loss after each
 round within 1e-6 (relative) of the first peer's. Printed per peer: start-up (process start to
 the end of round 1, less one steady round: imports, model loading, starting workers or Ray and
 their first load of the base model), each round's wall time (dispatch to evaluation),
 the steady round (mean of rounds 2..), peak PSS of the process tree (the driver, its workers,
-Ray's daemons; sampled every 0.5 s), the final accuracy; then the ratios to Flower's.
+Ray's daemons; sampled every 0.5 s), the final accuracy; then the ratios to Flower's and to
+pfl's.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import itertools
 import json
 import os
@@ -44,7 +50,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ("process", "ray", "flower")
+PEERS = ("process", "ray", "flower", "pfl")
+PLAYBACK = ("flower", "pfl")  # peers that play fedsim's selection: a fedsim run goes first
 AGREE_RTOL = 1e-6  # evaluation loss, relative: float sums in another order stay far inside
 
 
@@ -142,17 +149,23 @@ def one(args: argparse.Namespace) -> None:
     sampler = PssSampler()
     sampler.start()
     doc = json.loads(Path(args.doc).read_text())
-    if args.one == "flower":
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # the ClientApps' torch: 1 thread each
-        # Flower's side lives in benchmarks/flower_peer.py, a module Ray's workers import (as
-        # `flwr run` imports an app): a ClientApp defined in __main__ would be pickled by value
-        # and rebuild its trainer on every message.
+    if args.one in PLAYBACK:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # the peers' torch: 1 thread each
+        # Their sides live in modules of their own that their worker processes import
+        # (benchmarks/flower_peer.py: Ray's workers import it, as `flwr run` imports an app; a
+        # ClientApp defined in __main__ would be pickled by value and rebuild its trainer on
+        # every message).
         here = str(Path(__file__).resolve().parent)
         os.environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (here, os.environ.get("PYTHONPATH")) if p)
-        from flower_peer import play_flower
+        sys.path.insert(0, here)
         selected = [(r, list(c)) for r, c in json.loads(Path(args.selected).read_text())]
-        out = play_flower(doc, args.workers, selected)
+        if args.one == "flower":
+            from flower_peer import play_flower
+            out = play_flower(doc, args.workers, selected)
+        else:
+            from pfl_peer import play_pfl
+            out = play_pfl(doc, args.workers, selected)
     else:
         out = play_fedsim(args.one, doc, args.workers)
     out["pss_bytes"] = sampler.stop()
@@ -181,6 +194,12 @@ def run_peer(name: str, doc_path: Path, tmp: Path, args: argparse.Namespace,
     return out
 
 
+def installed(peer: str) -> bool:
+    """Whether ``peer``'s packages are importable here (Ray, Flower, pfl: the bench extra)."""
+    need = {"ray": "ray", "flower": "flwr", "pfl": "pfl"}.get(peer)
+    return need is None or importlib.util.find_spec(need) is not None
+
+
 def agree(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= AGREE_RTOL * max(abs(x), 1e-12)
                                     for x, y in zip(a, b, strict=True))
@@ -190,7 +209,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--only", default=",".join(PEERS))
+    ap.add_argument("--only", default=None,
+                    help="peers to play (default: those whose packages are installed)")
     ap.add_argument("--smoke", action="store_true", help="1 round, 2 tiny-bert clients")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a scenario override for every peer (fedsim's executor.* for its own)")
@@ -202,9 +222,10 @@ def main() -> None:
     if args.one:
         one(args)
         return
-    names = [n for n in PEERS if n in args.only.split(",")]
-    if "flower" in names and not any(n in names for n in ("process", "ray")):
-        names.insert(0, "process")  # Flower plays fedsim's selection: one fedsim run first
+    only = args.only.split(",") if args.only else [n for n in PEERS if installed(n)]
+    names = [n for n in PEERS if n in only]
+    if any(n in PLAYBACK for n in names) and not any(n in names for n in ("process", "ray")):
+        names.insert(0, "process")  # Flower and pfl play fedsim's selection: fedsim runs first
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         doc_path = tmp / "scenario.json"
@@ -212,7 +233,7 @@ def main() -> None:
         out: dict[str, dict[str, Any]] = {}
         for name in names:
             sel = None
-            if name == "flower":
+            if name in PLAYBACK:
                 sel = tmp / "selected.json"
                 sel.write_text(json.dumps(next(iter(out.values()))["selected"]))
             out[name] = r = run_peer(name, doc_path, tmp, args, sel)
@@ -230,13 +251,15 @@ def main() -> None:
         print(f"{name:8s} {r['startup_s']:10.1f} {r['rounds_s'][0]:9.1f} {r['steady_s']:9.1f} "
               f"{r['pss_bytes'] / 2**30:12.2f} {r['accuracy'][-1]:9.3f} {r['loss'][-1]:10.6f} "
               f"{same[name]!s:>5s}")
-    flower = out.get("flower")
-    if flower is not None and all(same.values()):
+    for ref in ("flower", "pfl"):
+        base = out.get(ref)
+        if base is None or not all(same.values()):
+            continue
         for name, r in out.items():
-            if name != "flower":
-                print(f"{name} / flower: steady round {r['steady_s'] / flower['steady_s']:.2f}, "
-                      f"start-up {r['startup_s'] / flower['startup_s']:.2f}, "
-                      f"PSS {r['pss_bytes'] / flower['pss_bytes']:.2f}")
+            if name not in PLAYBACK:
+                print(f"{name} / {ref}: steady round {r['steady_s'] / base['steady_s']:.2f}, "
+                      f"start-up {r['startup_s'] / base['startup_s']:.2f}, "
+                      f"PSS {r['pss_bytes'] / base['pss_bytes']:.2f}")
     if not all(same.values()):
         sys.exit("the peers disagree: " + ", ".join(
             f"{n}: {r['loss']}" for n, r in out.items()) + " (times not compared)")

@@ -19,27 +19,12 @@ import json
 import time
 from typing import Any
 
+import torch  # noqa: F401 (ArrayRecord.to_torch_state_dict wants it imported)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-
-_STATE: dict[str, Any] = {}  # per process: scenario JSON -> its fedsim workload
-
-
-def workload(doc_json: str) -> Any:
-    """fedsim's own workload of the scenario (its fleet, partitions, validation splits,
-    evaluation examples and the family's trainer, base model loaded once), built as the engine
-    builds it, on first use in this process."""
-    if doc_json not in _STATE:
-        from fedsim.devices import build_fleet
-        from fedsim.rng import stream
-        from fedsim.scenario import validate
-        from fedsim.workload import make_workload
-        sc = validate(json.loads(doc_json))
-        _STATE[doc_json] = make_workload(sc, build_fleet(sc, stream(sc.seed, "fleet")))
-    return _STATE[doc_json]
-
+from peer_workload import train_client, workload
 
 client_app = ClientApp()
 
@@ -48,18 +33,13 @@ client_app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """One local training job, fedsim's plan and seed: the start adapter arrives as arrays,
     the new weights go back."""
-    from fedsim.federation import job_seed
     cfg = msg.content["config"]
     c, round_ = int(cfg["client"]), int(cfg["fedsim-round"])
-    wl = workload(str(cfg["scenario"]))
     start = msg.content["arrays"].to_torch_state_dict()
-    examples = [wl.task.train[i] for i in wl.parts[c]]
-    plan = wl.plan(c, round_).context
-    trainer = wl.families[wl.fleet.model[c]].trainer
-    res = trainer.train(start, examples, plan, job_seed(wl.scenario.seed, c, round_))
+    res, size = train_client(str(cfg["scenario"]), c, round_, start)
     new = {k: v + res.delta[k] if k in res.delta else v for k, v in start.items()}
     return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord(
-        {"num-examples": len(wl.parts[c]), "train_loss": res.losses[-1]})}), reply_to=msg)
+        {"num-examples": size, "train_loss": res.losses[-1]})}), reply_to=msg)
 
 
 class FedsimSelection(FedAvg):

@@ -1,7 +1,9 @@
-"""benchmarks/bench_peers.py --smoke: fedsim (process, ray) and Flower's simulation engine play
-the same client work and agree on it. Runs where the ``bench`` extra is installed
-(``make bench-setup``: .venv-bench); skipped otherwise (CI's default install has no Flower)."""
+"""benchmarks/bench_peers.py --smoke: fedsim (process, ray), Flower's simulation engine and
+Apple's pfl play the same client work and agree on it. Runs where the ``bench`` extra is
+installed (``make bench-setup``: .venv-bench); skipped otherwise (CI's default install has no
+Flower)."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +21,10 @@ def test_peers_smoke_agree_and_report_every_figure():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_peers.py"), "--smoke"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    peers = {"process", "ray", "flower"} | ({"pfl"} if importlib.util.find_spec("pfl") else set())
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
-            if line.split() and line.split()[0] in ("process", "ray", "flower")
-            and len(line.split()) == 8}
-    assert set(rows) == {"process", "ray", "flower"}, proc.stdout
+            if line.split() and line.split()[0] in peers and len(line.split()) == 8}
+    assert set(rows) == peers, proc.stdout
     # start-up, round 1, steady, PSS, accuracy, loss: numbers; same: every peer agrees
     for name, cols in rows.items():
         startup, round1, steady, pss_gib = (float(x) for x in cols[1:5])
@@ -30,3 +32,4 @@ def test_peers_smoke_agree_and_report_every_figure():
         assert cols[7] == "True", (name, cols)
     assert len({cols[6] for cols in rows.values()}) == 1  # the same final loss, printed
     assert "process / flower: steady round" in proc.stdout
+    assert ("process / pfl: steady round" in proc.stdout) == ("pfl" in peers)
