@@ -134,6 +134,9 @@ def worker(doc_json: str, selected: list[tuple[int, list[int]]], result: Path) -
                            central_context: Any) -> tuple[Any, Any]:
             c = int(user_dataset.user_id)
             round_ = selected[central_context.current_central_iteration][0]
+            # pfl's central step leaves its gradient (the averaged update) on the parameters:
+            # cleared, or the job's first backward would add to it
+            module.zero_grad(set_to_none=True)
             _, size = train_client(doc_json, c, round_, trainer.current_adapter())
             diff = model.get_model_difference(initial_model_state, clone=True)
             return MappedVectorStatistics({k: v * size for k, v in diff.items()},
@@ -154,6 +157,9 @@ def worker(doc_json: str, selected: list[tuple[int, list[int]]], result: Path) -
                        model_train_params=NNTrainHyperParams(  # fedsim's plan rules instead
                            local_num_epochs=1, local_learning_rate=0.0, local_batch_size=None),
                        callbacks=[Evaluate()], send_metrics_to_platform=False)
+    if torch.distributed.is_initialized():  # a clean exit for every worker
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if rank == 0:
         result.write_text(json.dumps({
             "marks": marks, "selected": selected, "loss": [m.get("loss") for m in history],
