@@ -158,7 +158,6 @@ def one(args: argparse.Namespace) -> None:
         here = str(Path(__file__).resolve().parent)
         os.environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (here, os.environ.get("PYTHONPATH")) if p)
-        sys.path.insert(0, here)
         selected = [(r, list(c)) for r, c in json.loads(Path(args.selected).read_text())]
         if args.one == "flower":
             from flower_peer import play_flower

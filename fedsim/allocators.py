@@ -1,14 +1,12 @@
 """The memory allocator of worker processes: ``executor.allocator`` (process and Ray pools).
 
-A CPU training job allocates and frees its activations every step (a minilm-l6 LoRA step at
-16 x 64 tokens: ~270 MB live at its peak). glibc's malloc serves tensors of that size from its
-heap once its mmap threshold has risen, and the heap fragments: a worker doing the quickstart's
-jobs peaked 473 MB above its idle size (VmHWM 968 MB), and stays high between jobs; with
-mimalloc (the ``cmeel-mimalloc`` wheel, a dependency on Linux) 299 MB (834 MB), at the same
-speed. ``benchmarks/bench_peers.py --only process [--set executor.allocator=system]``: peak PSS
-of the pool 1.54 GiB with mimalloc, 1.84 with glibc. It is loaded into the workers
-alone, by ``LD_PRELOAD`` when they start: the driver process keeps the allocator it was
-started with.
+A CPU training job allocates and frees its activations every step. glibc's malloc serves
+tensors of that size from its heap once its mmap threshold has risen, and the heap fragments
+and stays large between jobs; mimalloc (the ``cmeel-mimalloc`` wheel, a dependency on Linux)
+does not. ``benchmarks/bench_peers.py --only process [--set executor.allocator=system]``: peak
+PSS of the 2-worker pool 1.54 GiB with mimalloc, 1.84 with glibc, at the same speed. It is
+loaded into the workers alone, by ``LD_PRELOAD`` when they start: the driver process keeps the
+allocator it was started with.
 
 ``auto``: mimalloc where the library is installed (Linux) and ``LD_PRELOAD`` is not set
 already (a user's own choice of allocator stands), else the system's; ``system``; ``mimalloc``
