@@ -294,11 +294,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     write_run_dir(result, out)
+    if not args.quiet:  # the summary first: the figures take a few seconds more (~4 s here)
+        print(format_summary(result.summary, out), flush=True)
     plotted = [] if args.no_plots else _plots(out)
-    if not args.quiet:
-        print(format_summary(result.summary, out))
-        if plotted:
-            print(f"plots in         {out / 'plots'}/ ({', '.join(p.name for p in plotted)})")
+    if plotted and not args.quiet:
+        print(f"plots in         {out / 'plots'}/ ({', '.join(p.name for p in plotted)})")
     return 0
 
 

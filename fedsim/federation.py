@@ -80,7 +80,6 @@ from fedsim.workload import (
     Workload,
 )
 
-CLIENT_EVAL_EXAMPLES = 100  # held-out examples per client in quality.clients_final
 CLIENT_EVAL_MAX = 100  # clients beyond which per-client evaluation is skipped (cost)
 
 # What the workload is doing, for a progress display (the CLI shows it beside its bar).
@@ -616,16 +615,17 @@ class LoraWorkload(Workload):
 
     def client_metrics(self, executor: Executor | None = None) -> dict[int, dict[str, float]]:
         """Each client's own last model (its start adapter + its last delta) on up to
-        ``CLIENT_EVAL_EXAMPLES`` held-out examples; skipped beyond ``CLIENT_EVAL_MAX`` clients.
-        With an out-of-process ``executor`` the clients are scored on its workers at once."""
-        if len(self._last) > CLIENT_EVAL_MAX:
+        ``task.client_eval_examples`` held-out examples (0: not scored); skipped beyond
+        ``CLIENT_EVAL_MAX`` clients. With an out-of-process ``executor`` the clients are scored
+        on its workers at once."""
+        count = min(self.scenario.task.client_eval_examples, len(self.eval_examples))
+        if not count or len(self._last) > CLIENT_EVAL_MAX:
             return {}
         log.info("scoring each client's last model (%d clients)", len(self._last))
         # on the workers where jobs run in other processes (shares_threads: process, ray);
         # inline, here with the workload's own trainers (an inline EvalJob would load a model
         # per client)
         remote = executor is not None and self.scenario.executor.shares_threads
-        count = min(CLIENT_EVAL_EXAMPLES, len(self.eval_examples))
         models = {}
         for client in sorted(self._last):
             start, delta = self._last[client]

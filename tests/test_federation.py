@@ -339,3 +339,34 @@ def test_each_clients_final_score_runs_where_its_jobs_run(executor, on_workers):
     assert bool(submitted) == on_workers
     assert all(isinstance(j, EvalJob) for j in submitted)
     assert scores == here and set(scores) == {0, 1, 2, 3}
+
+
+def test_client_eval_examples_sets_how_many_examples_score_each_client():
+    """``task.client_eval_examples``: each client's last model on the first that many
+    evaluation examples; 0 scores none (and submits no job)."""
+    from fedsim.executors import InlineExecutor
+    from fedsim.federation import evaluate_on_threads
+    from fedsim.plugins import EXECUTORS
+
+    task = {"dataset": "bbc-news", "kind": "classification", "max_train_examples": 200,
+            "eval_examples": 40, "partition": {"name": "iid"}}
+    sim = Simulation(tiny_scenario(rounds=1, executor={"name": "inline"},
+                                   task={**task, "client_eval_examples": 5}))
+    sim.run()
+    wl = sim.workload
+    scores = wl.client_metrics(sim.executor)
+    start, delta = wl._last[0]
+    model = {k: v + delta[k] if k in delta else v for k, v in start.items()}
+    assert scores[0] == evaluate_on_threads(wl._family(0).trainer, model, wl.eval_examples[:5])
+    assert scores[0] != evaluate_on_threads(wl._family(0).trainer, model, wl.eval_examples)
+    submitted = []
+
+    class Recording(InlineExecutor):
+        def submit(self, job):
+            submitted.append(job)
+            return super().submit(job)
+
+    wl.scenario = tiny_scenario(rounds=1, executor={"name": "process"},
+                                task={**task, "client_eval_examples": 0})
+    assert wl.client_metrics(Recording(EXECUTORS.parse({"name": "inline"}))) == {}
+    assert not submitted
