@@ -63,9 +63,12 @@ def scenario_doc(rounds: int, smoke: bool, sets: list[str] = ()) -> dict[str, An
 
     from fedsim.scenario import apply_overrides
     doc = yaml.safe_load((ROOT / "scenarios/quickstart.yaml").read_text())
-    # the work: 20 clients, the adapter scored on 200 articles a round
+    # the work: 20 clients, every available one each round, the adapter scored on
+    # 200 articles a round (and each client's own at the end, after the timed rounds)
     apply_overrides(doc, [f"rounds={rounds}", "server.model=null", "clients.0.count=10",
-                          "clients.1.count=6", "clients.2.count=4", "task.eval_examples=200"])
+                          "clients.1.count=6", "clients.2.count=4",
+                          "round_policy.clients_per_round=null", "task.eval_examples=200",
+                          "task.client_eval_examples=100"])
     if smoke:
         doc["rounds"] = 1
         doc["clients"] = [{"name": "laptops", "profile": "laptop", "count": 2,
