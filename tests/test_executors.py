@@ -130,7 +130,7 @@ def _tiny_quickstart(executor: list[str]) -> list[str]:
     """Tiny models with a (tiny-mpnet) server model: its evaluation runs in the background
     under process and ray, in step under inline; the numbers must not differ."""
     return [*scenario_test_overrides(ROOT / "scenarios/quickstart.yaml"), "rounds=3",
-            "aggregation.name=task-arithmetic", *executor]
+            "aggregation.name=task-arithmetic", "task.client_eval_examples=100", *executor]
 
 
 def _run(tmp_path: Path, name: str, overrides: list[str]) -> tuple[dict, bytes]:
