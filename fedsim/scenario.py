@@ -243,7 +243,7 @@ class TaskConfig(Config):
     eval_examples: int = Field(default=200, ge=1)
     # Held-out examples (the first of the evaluation slice) each client's own last model is
     # scored on at the end (summary quality.clients_final); 0: not scored. A minilm-l6 client
-    # on 100 articles costs ~2.2 CPU-s here: a fifth of a small run's work at 10 clients.
+    # on 100 articles costs ~2.2 CPU-s here: at 10 clients, a tenth of the quickstart's work.
     client_eval_examples: int = Field(default=100, ge=0)
 
     @field_validator("dataset")
