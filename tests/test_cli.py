@@ -86,7 +86,6 @@ def test_run_writes_run_directory(tmp_path):
     assert not list((tmp_path / "bare").glob("plots/*.png")) and "plots in" not in r.stdout
 
 
-
 def test_the_summary_is_printed_before_the_figures_are_drawn(tmp_path, capsys, monkeypatch):
     """The figures take seconds: the user reads the summary meanwhile."""
     from fedsim import cli
@@ -103,6 +102,7 @@ def test_the_summary_is_printed_before_the_figures_are_drawn(tmp_path, capsys, m
     assert cli.main(["run", str(p), "--out", str(tmp_path / "run")]) == 0
     assert "latency (s)" in seen[0] and "plots in" not in seen[0]
     assert "plots in" in capsys.readouterr().out
+
 
 def test_the_progress_bar_says_what_the_run_is_doing():
     import logging

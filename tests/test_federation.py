@@ -13,6 +13,10 @@ from fedsim.scenario import validate
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
+TINY_TASK = {"dataset": "bbc-news", "kind": "classification", "max_train_examples": 200,
+             "eval_examples": 40, "partition": {"name": "iid"}}
+
+
 def tiny_scenario(**changes):
     doc = {
         "name": "tiny-real", "seed": 3, "rounds": 2,
@@ -22,8 +26,7 @@ def tiny_scenario(**changes):
             {"profile": "cloud", "count": 2, "model": "tiny-bert"},
         ],
         "network": {"channel": {"name": "static"}, "cells": [{}]},
-        "task": {"dataset": "bbc-news", "kind": "classification", "max_train_examples": 200,
-                 "eval_examples": 40, "partition": {"name": "iid"}},
+        "task": TINY_TASK,
         "training": {"local_steps": 3, "batch_size": 8, "max_length": 32, "lr": 5e-3},
     }
     doc.update(changes)
@@ -315,27 +318,33 @@ def test_clients_train_on_the_prompt_the_server_is_scored_with():
     assert client.tokenizer.decode(prompt).rstrip().endswith("Headline:")
 
 
+def recording_executor(submitted: list):
+    """An inline executor (each job run in this process) that notes each job in
+    ``submitted``."""
+    from fedsim.executors import InlineExecutor
+    from fedsim.plugins import EXECUTORS
+
+    class Recording(InlineExecutor):
+        def submit(self, job):
+            submitted.append(job)
+            return super().submit(job)
+
+    return Recording(EXECUTORS.parse({"name": "inline"}))
+
+
 @pytest.mark.parametrize(("executor", "on_workers"), [("process", True), ("inline", False)])
 def test_each_clients_final_score_runs_where_its_jobs_run(executor, on_workers):
     """Under an executor whose jobs leave this process, the end-of-run client scores are
     EvalJobs on its workers (side by side); inline, they run here on the workload's trainers.
     The numbers are the same either way."""
-    from fedsim.executors import InlineExecutor
     from fedsim.federation import EvalJob
-    from fedsim.plugins import EXECUTORS
 
     sim = Simulation(tiny_scenario(rounds=1, executor={"name": "inline"}))
     sim.run()
     here = sim.workload.client_metrics(sim.executor)
     submitted = []
-
-    class Recording(InlineExecutor):  # runs each job in this process, and notes it
-        def submit(self, job):
-            submitted.append(job)
-            return super().submit(job)
-
     sim.workload.scenario = tiny_scenario(rounds=1, executor={"name": executor})
-    scores = sim.workload.client_metrics(Recording(EXECUTORS.parse({"name": "inline"})))
+    scores = sim.workload.client_metrics(recording_executor(submitted))
     assert bool(submitted) == on_workers
     assert all(isinstance(j, EvalJob) for j in submitted)
     assert scores == here and set(scores) == {0, 1, 2, 3}
@@ -344,14 +353,10 @@ def test_each_clients_final_score_runs_where_its_jobs_run(executor, on_workers):
 def test_client_eval_examples_sets_how_many_examples_score_each_client():
     """``task.client_eval_examples``: each client's last model on the first that many
     evaluation examples; 0 scores none (and submits no job)."""
-    from fedsim.executors import InlineExecutor
     from fedsim.federation import evaluate_on_threads
-    from fedsim.plugins import EXECUTORS
 
-    task = {"dataset": "bbc-news", "kind": "classification", "max_train_examples": 200,
-            "eval_examples": 40, "partition": {"name": "iid"}}
     sim = Simulation(tiny_scenario(rounds=1, executor={"name": "inline"},
-                                   task={**task, "client_eval_examples": 5}))
+                                   task={**TINY_TASK, "client_eval_examples": 5}))
     sim.run()
     wl = sim.workload
     scores = wl.client_metrics(sim.executor)
@@ -360,13 +365,7 @@ def test_client_eval_examples_sets_how_many_examples_score_each_client():
     assert scores[0] == evaluate_on_threads(wl._family(0).trainer, model, wl.eval_examples[:5])
     assert scores[0] != evaluate_on_threads(wl._family(0).trainer, model, wl.eval_examples)
     submitted = []
-
-    class Recording(InlineExecutor):
-        def submit(self, job):
-            submitted.append(job)
-            return super().submit(job)
-
     wl.scenario = tiny_scenario(rounds=1, executor={"name": "process"},
-                                task={**task, "client_eval_examples": 0})
-    assert wl.client_metrics(Recording(EXECUTORS.parse({"name": "inline"}))) == {}
+                                task={**TINY_TASK, "client_eval_examples": 0})
+    assert wl.client_metrics(recording_executor(submitted)) == {}
     assert not submitted
